@@ -1,0 +1,165 @@
+"""Transformer layers that name logical axes only.
+
+Each parameter is an `nnx.Param` whose `out_sharding` metadata holds logical names such as
+("embed", "heads", "head_dim"); `sharding.Layout` turns those into mesh placements. Activations are
+constrained only at block boundaries (after the attention output projection, after the MLP down
+projection, and on the residual stream) - exactly where Megatron places its all-reduces.
+
+Tensor names carry their shape: B batch, S query positions, T key positions, D model width,
+N query heads, K kv heads, G query heads per kv head, H head dim, F MLP hidden, V (padded) vocab.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from .config import ModelConfig, to_dtype
+from .sharding import Layout, constrain
+
+RESIDUAL = ("batch", "seq", "embed")
+KV = ("batch", "seq", "kv_heads", "head_dim")
+
+
+def normal_param(rngs: nnx.Rngs, shape, names, std: float, dtype) -> nnx.Param:
+    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    return nnx.Param(value.astype(dtype), out_sharding=tuple(names))
+
+
+class Linear(nnx.Module):
+    """An einsum with a named kernel, e.g. 'bsd,dnh->bsnh' with kernel names (embed, heads, head_dim).
+
+    `contract` counts the kernel's leading (input) axes; the remaining axes are outputs. Quantised
+    casts (jaxtp.quant) replace `kernel` with an int8 variable and a per-output-channel scale.
+    """
+
+    def __init__(self, equation: str, shape, names, *, std: float, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.equation = equation
+        self.names = tuple(names)
+        lhs, rhs_out = equation.split(",")
+        rhs, out = rhs_out.split("->")
+        self.contract = sum(1 for c in rhs if c in lhs and c not in out)
+        self.compute_dtype = to_dtype(cfg.compute_dtype)
+        self.kernel = normal_param(rngs, shape, names, std, to_dtype(cfg.param_dtype))
+
+    def __call__(self, x):
+        w = self.kernel[...].astype(self.compute_dtype)
+        return jnp.einsum(self.equation, x.astype(self.compute_dtype), w)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: ModelConfig):
+        self.eps = cfg.norm_eps
+        self.scale = nnx.Param(jnp.ones((cfg.d_model,), to_dtype(cfg.param_dtype)), out_sharding=("embed",))
+
+    def __call__(self, x_BSD):
+        x = x_BSD.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (x * self.scale[...].astype(jnp.float32)).astype(x_BSD.dtype)
+
+
+def rope(x_BSnH, positions_BS, theta: float):
+    """Rotary embedding (rotate-half form), computed in f32."""
+    H = x_BSnH.shape[-1]
+    freq = theta ** (-jnp.arange(0, H // 2, dtype=jnp.float32) * 2.0 / H)
+    angle_BSh = positions_BS[..., None].astype(jnp.float32) * freq
+    sin, cos = jnp.sin(angle_BSh)[:, :, None, :], jnp.cos(angle_BSh)[:, :, None, :]
+    x = x_BSnH.astype(jnp.float32)
+    x1, x2 = x[..., : H // 2], x[..., H // 2:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BSnH.dtype)
+
+
+def attend(q_BSNH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_valid_BT=None):
+    """Causal grouped-query attention by position: key t is visible to query s iff pos_t <= pos_s.
+
+    Each kv head is repeated for its G = N/K query heads, so every head-indexed tensor splits over the
+    heads axis the same way (no resharding when kv heads are replicated); the softmax runs in f32.
+    """
+    B, S, N, H = q_BSNH.shape
+    G = N // k_BTKH.shape[2]
+    k_BTNH, v_BTNH = jnp.repeat(k_BTKH, G, axis=2), jnp.repeat(v_BTKH, G, axis=2)
+    scores_BNST = jnp.einsum("bsnh,btnh->bnst", q_BSNH, k_BTNH).astype(jnp.float32) / math.sqrt(H)
+    visible_BST = k_pos_BT[:, None, :] <= q_pos_BS[:, :, None]
+    if k_valid_BT is not None:
+        visible_BST = visible_BST & k_valid_BT[:, None, :]
+    scores_BNST = jnp.where(visible_BST[:, None], scores_BNST, -1e30)
+    probs_BNST = jax.nn.softmax(scores_BNST, axis=-1).astype(v_BTNH.dtype)
+    return jnp.einsum("bnst,btnh->bsnh", probs_BNST, v_BTNH)
+
+
+class Attention(nnx.Module):
+    """GQA attention: q/k/v column-parallel over heads, output projection row-parallel."""
+
+    def __init__(self, cfg: ModelConfig, layout: Layout | None, rngs: nnx.Rngs):
+        D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        self.layout, self.theta = layout, cfg.rope_theta
+        self.q = Linear("bsd,dnh->bsnh", (D, N, H), ("embed", "heads", "head_dim"), std=std, cfg=cfg, rngs=rngs)
+        self.k = Linear("bsd,dkh->bskh", (D, K, H), ("embed", "kv_heads", "head_dim"), std=std, cfg=cfg, rngs=rngs)
+        self.v = Linear("bsd,dkh->bskh", (D, K, H), ("embed", "kv_heads", "head_dim"), std=std, cfg=cfg, rngs=rngs)
+        self.o = Linear("bsnh,nhd->bsd", (N, H, D), ("heads", "head_dim", "embed"), std=out_std, cfg=cfg,
+                        rngs=rngs)
+
+    def project_kv(self, x_BSD, positions_BS):
+        """Keys (rotated) and values. Pinning their layout also pins their gradients', so replicated
+        kv heads (K < model axis) get one all-reduce in the backward pass instead of gathers."""
+        k_BSKH = constrain(rope(self.k(x_BSD), positions_BS, self.theta), KV, self.layout)
+        return k_BSKH, constrain(self.v(x_BSD), KV, self.layout)
+
+    def __call__(self, x_BSD, positions_BS, kv=None, k_pos_BT=None, k_valid_BT=None):
+        """Self-attention over x; or, with `kv`=(k_BTKH, v_BTKH) from a cache, over those keys."""
+        q_BSNH = rope(self.q(x_BSD), positions_BS, self.theta)
+        if kv is None:
+            kv, k_pos_BT = self.project_kv(x_BSD, positions_BS), positions_BS
+        out_BSNH = attend(q_BSNH, kv[0], kv[1], positions_BS, k_pos_BT, k_valid_BT)
+        return constrain(self.o(out_BSNH), RESIDUAL, self.layout)
+
+
+class MLP(nnx.Module):
+    """SwiGLU: gate and up column-parallel over `mlp` (separate weights, never a fused split), down row-parallel."""
+
+    def __init__(self, cfg: ModelConfig, layout: Layout | None, rngs: nnx.Rngs):
+        D, F = cfg.d_model, cfg.d_ff
+        self.layout = layout
+        self.gate = Linear("bsd,df->bsf", (D, F), ("embed", "mlp"), std=cfg.init_std, cfg=cfg, rngs=rngs)
+        self.up = Linear("bsd,df->bsf", (D, F), ("embed", "mlp"), std=cfg.init_std, cfg=cfg, rngs=rngs)
+        self.down = Linear("bsf,fd->bsd", (F, D), ("mlp", "embed"), std=cfg.init_std / math.sqrt(2 * cfg.n_layers),
+                           cfg=cfg, rngs=rngs)
+
+    def __call__(self, x_BSD):
+        h_BSF = jax.nn.silu(self.gate(x_BSD)) * self.up(x_BSD)
+        return constrain(self.down(h_BSF), RESIDUAL, self.layout)
+
+
+class Block(nnx.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, layout: Layout | None, rngs: nnx.Rngs):
+        self.layout = layout
+        self.attn_norm = RMSNorm(cfg)
+        self.attn = Attention(cfg, layout, rngs)
+        self.mlp_norm = RMSNorm(cfg)
+        self.mlp = MLP(cfg, layout, rngs)
+
+    def __call__(self, x_BSD, positions_BS, **attn_kwargs):
+        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions_BS, **attn_kwargs)
+        x_BSD = constrain(x_BSD, RESIDUAL, self.layout)
+        x_BSD = x_BSD + self.mlp(self.mlp_norm(x_BSD))
+        return constrain(x_BSD, RESIDUAL, self.layout)
+
+
+class Embed(nnx.Module):
+    """Vocab-parallel embedding table (V, D), rows split over the vocab axis."""
+
+    def __init__(self, cfg: ModelConfig, padded_vocab: int, layout: Layout | None, rngs: nnx.Rngs):
+        self.layout = layout
+        self.compute_dtype = to_dtype(cfg.compute_dtype)
+        self.table = normal_param(rngs, (padded_vocab, cfg.d_model), ("vocab", "embed"), cfg.init_std,
+                                  to_dtype(cfg.param_dtype))
+
+    def __call__(self, tokens_BS):
+        x_BSD = jnp.take(self.table[...], tokens_BS, axis=0).astype(self.compute_dtype)
+        return constrain(x_BSD, RESIDUAL, self.layout)
