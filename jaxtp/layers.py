@@ -44,8 +44,14 @@ class Linear(nnx.Module):
         self.contract = sum(1 for c in rhs if c in lhs and c not in out)
         self.compute_dtype = to_dtype(cfg.compute_dtype)
         self.kernel = normal_param(rngs, shape, names, std, to_dtype(cfg.param_dtype))
+        self.quant_mode = None  # jaxtp.quant.cast sets "int8" (weight-only) or "w8a8", adding `scale`
 
     def __call__(self, x):
+        if self.quant_mode is not None:
+            from .quant import quantized_einsum
+
+            return quantized_einsum(self.quant_mode, self.equation, x, self.kernel[...], self.scale[...],
+                                    self.compute_dtype)
         w = self.kernel[...].astype(self.compute_dtype)
         return jnp.einsum(self.equation, x.astype(self.compute_dtype), w)
 
@@ -159,7 +165,13 @@ class Embed(nnx.Module):
         self.compute_dtype = to_dtype(cfg.compute_dtype)
         self.table = normal_param(rngs, (padded_vocab, cfg.d_model), ("vocab", "embed"), cfg.init_std,
                                   to_dtype(cfg.param_dtype))
+        self.quant_mode = None  # jaxtp.quant.cast: int8 table plus one scale per vocab row (`scale`)
 
     def __call__(self, tokens_BS):
-        x_BSD = jnp.take(self.table[...], tokens_BS, axis=0).astype(self.compute_dtype)
+        if self.quant_mode is not None:
+            from .quant import int8_take
+
+            x_BSD = int8_take(self.table[...], self.scale[...], tokens_BS, self.compute_dtype)
+        else:
+            x_BSD = jnp.take(self.table[...], tokens_BS, axis=0).astype(self.compute_dtype)
         return constrain(x_BSD, RESIDUAL, self.layout)

@@ -1,0 +1,196 @@
+"""One training job, printed section by section: layout, memory, collectives, training, quality, speed.
+
+Kept apart from run.py (argument parsing and input checks) so each file has one job.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import time
+
+import jax
+import numpy as np
+from tqdm import tqdm
+
+import jaxtp
+from jaxtp import data, measure, train
+from jaxtp.mesh import describe_mesh
+
+PRECISIONS = ("f32", "bf16", "int8", "w8a8")
+SAMPLE_PROMPT = "def "
+
+
+def section(title: str):
+    print(f"\n== {title} " + "=" * max(0, 72 - len(title)))
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n):,} B"
+        n /= 1024
+
+
+class TrainingJob:
+    def __init__(self, out: pathlib.Path, cfg, tc, mesh, corpus, sample_len: int = 200):
+        self.out, self.cfg, self.tc, self.mesh, self.corpus, self.sample_len = out, cfg, tc, mesh, corpus, sample_len
+        self.report: dict = {"mesh": dict(mesh.shape), "model": cfg.to_dict(), "train": tc.__dict__,
+                             "data": corpus.describe()}
+
+    def run(self):
+        self.show_layout()
+        self.trainer = train.Trainer.create(self.model, self.tc)
+        self.compile_and_inspect()
+        self.train()
+        self.evaluate()
+        self.timing()
+        self.write()
+
+    def show_layout(self):
+        section("devices and mesh")
+        print(describe_mesh(self.mesh))
+        section("rules (logical axis -> mesh axis)")
+        t = time.perf_counter()
+        self.model = jaxtp.Transformer.create(self.cfg, self.mesh, seed=self.tc.seed)
+        self.report["init_s"] = time.perf_counter() - t
+        for name, target in self.model.layout.table():
+            print(f"  {name:9s} -> {target}")
+        section("parameters")
+        table = jaxtp.param_table(self.model)
+        self.report["params"] = table.total_params
+        print(f"{self.cfg.n_layers} layers, d_model {self.cfg.d_model}, {self.cfg.n_heads} heads "
+              f"({self.cfg.n_kv_heads} kv), d_ff {self.cfg.d_ff}, vocab {self.cfg.vocab_size} -> "
+              f"{table.total_params:,} parameters")
+        per_block = [r for r in table.rows if r.path.startswith("blocks/0/")]
+        others = [r for r in table.rows if not r.path.startswith("blocks/")]
+        for r in per_block + others:
+            print(f"  {r.path:28s} {str(r.spec):26s} {'x'.join(map(str, r.shape)):>10s} -> "
+                  f"{'x'.join(map(str, r.local_shape)):>10s} per device")
+        self.report["bytes_per_device"] = self.bytes_by_precision(table)
+        print("parameter bytes per device: " + ", ".join(
+            f"{k} {fmt_bytes(v)}" for k, v in self.report["bytes_per_device"].items()))
+
+    def bytes_by_precision(self, table) -> dict:
+        """Per-device bytes of the actual arrays after casting (int8 includes its scales)."""
+        out = {"f32": table.bytes_per_device}
+        if hasattr(jaxtp, "cast"):
+            for p in ("bf16", "int8"):
+                out[p] = jaxtp.param_table(jaxtp.cast(self.model, p)).bytes_per_device
+        return out
+
+    def compile_and_inspect(self):
+        tr, tc = self.trainer, self.tc
+        batch0 = data.train_batch(self.corpus.train, self.mesh, tc.batch_size, tc.seq_len, tc.seed, 0)
+        t = time.perf_counter()
+        compiled = tr.step_fn.lower(tr.params, tr.opt_state, batch0).compile()
+        self.report["timing"] = {"compile_s": time.perf_counter() - t}
+        tr.step_fn = compiled  # run the very executable we inspect: one compile, no surprises
+        section("train step memory per device (XLA memory analysis)")
+        m = compiled.memory_analysis()
+        mem = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0) for k in ("argument", "output", "temp", "alias")}
+        mem["total"] = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+        self.report["memory_per_device"] = mem
+        print(f"  arguments {fmt_bytes(mem['argument'])} (params + optimizer state + batch), outputs "
+              f"{fmt_bytes(mem['output'])} ({fmt_bytes(mem['alias'])} aliased to donated inputs), "
+              f"temporaries {fmt_bytes(mem['temp'])} -> {fmt_bytes(mem['total'])} per device")
+        section("collectives in the compiled train step")
+        total = measure.collectives_of(compiled, self.mesh)
+        compiled_one_layer = train.compile_train_step(
+            self.cfg.replace(n_layers=1), self.model.layout, tc, data.batch_sharding(self.mesh))
+        per = measure.per_layer(total, measure.collectives_of(compiled_one_layer, self.mesh), self.cfg.n_layers)
+        self.report["collectives_per_layer"] = per
+        self.report["collectives_per_step"] = total
+        print("  per layer (count with L layers minus count with 1 layer, / (L-1)):")
+        for k, v in per.items():
+            print(f"    {k:26s} x{v['count']}  {fmt_bytes(v['bytes'])}")
+        print("  whole step:")
+        for k, v in total.items():
+            print(f"    {k:26s} x{v['count']}  {fmt_bytes(v['bytes'])}")
+
+    def train(self):
+        section(f"training: {self.corpus.describe()}")
+        tr, tc = self.trainer, self.tc
+        losses, times = [], []
+        tokens = tc.batch_size * tc.seq_len
+        bar = tqdm(range(tc.steps), desc="train", unit="step", mininterval=1.0)
+        batch = data.train_batch(self.corpus.train, self.mesh, tc.batch_size, tc.seq_len, tc.seed, 0)
+        for step in bar:
+            t = time.perf_counter()
+            metrics = tr.train_step(batch)
+            if step + 1 < tc.steps:  # build the next batch while the step runs
+                batch = data.train_batch(self.corpus.train, self.mesh, tc.batch_size, tc.seq_len, tc.seed, step + 1)
+            loss = float(metrics["loss"])
+            times.append(time.perf_counter() - t)
+            losses.append(loss)
+            if not math.isfinite(loss):
+                raise ValueError(f"loss became {loss} at step {step + 1}; lower --lr")
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / times[-1]:,.0f}", refresh=False)
+        bar.close()
+        self.report["loss"] = losses
+        self.step_times = times
+
+    def evaluate(self):
+        section("held-out evaluation")
+        batches = data.eval_batches(self.corpus.heldout, self.mesh, self.tc.batch_size, self.tc.seq_len)
+        model = self.trainer.model
+        if hasattr(jaxtp, "precision_report"):
+            ev = jaxtp.precision_report(model, batches, PRECISIONS)
+        else:
+            ev = {"f32": train.evaluate(model, batches)}
+        f32 = train.evaluate(model, batches)
+        ev["f32"] = {**ev.get("f32", {}), **f32}
+        self.report["eval"] = ev
+        print(f"  f32: {f32['loss']:.4f} nats/byte = {f32['bits_per_byte']:.3f} bits/byte, "
+              f"perplexity {f32['perplexity']:.2f}   (uniform bytes: {math.log(256):.2f} nats)")
+        if len(ev) > 1:
+            print(f"  {'precision':9s} {'bytes/device':>14s} {'nats/byte':>10s} {'delta vs f32':>13s} "
+                  f"{'top-1 agree':>11s} {'KL':>9s}")
+            for p, r in ev.items():
+                print(f"  {p:9s} {fmt_bytes(r.get('bytes_per_device', 0)):>14s} {r['loss']:10.4f} "
+                      f"{r.get('delta_vs_f32', 0.0):+13.5f} {r.get('top1_agreement', 1.0):11.4f} "
+                      f"{r.get('kl_vs_f32', 0.0):9.2e}")
+        section("sample")
+        prompt = data.encode(SAMPLE_PROMPT)[None, :]
+        n = min(self.sample_len, self.cfg.max_seq_len - prompt.shape[1])
+        out = jaxtp.generate(model, prompt, n, temperature=0.7, top_k=40, seed=self.tc.seed)
+        text = SAMPLE_PROMPT + data.decode(np.asarray(out)[0])
+        self.report["sample"] = text
+        print(text)
+
+    def timing(self):
+        section("speed")
+        tc, t = self.tc, self.report["timing"]
+        warm = self.step_times[min(5, len(self.step_times) - 1):]
+        t["step_s_median"] = float(np.median(warm))
+        t["tokens_per_s"] = tc.batch_size * tc.seq_len / t["step_s_median"]
+        t["flops_per_step"] = train.train_flops_per_step(self.cfg, tc.batch_size, tc.seq_len)
+        t["flops_per_s"] = t["flops_per_step"] / t["step_s_median"]
+        t["peak_flops_per_s"] = measure.matmul_peak_flops()
+        t["mfu"] = t["flops_per_s"] / t["peak_flops_per_s"]
+        t["total_train_s"] = float(np.sum(self.step_times))
+        print(f"  compile {t['compile_s']:.1f} s, median step {t['step_s_median'] * 1e3:.1f} ms, "
+              f"{t['tokens_per_s']:,.0f} tokens/s")
+        print(f"  {t['flops_per_s'] / 1e9:.2f} GFLOP/s achieved (6*P*T + non-causal attention per step); "
+              f"peak {t['peak_flops_per_s'] / 1e9:.1f} GFLOP/s (median 1024^3 f32 matmul on one device, this run) "
+              f"-> MFU {100 * t['mfu']:.1f}%")
+
+    def write(self):
+        (self.out / "report.json").write_text(json.dumps(self.report, indent=1, default=str))
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(range(1, len(self.report["loss"]) + 1), self.report["loss"], lw=1, label="train")
+        ax.axhline(self.report["eval"]["f32"]["loss"], color="C1", ls="--", label="held-out (end)")
+        ax.set(xlabel="step", ylabel="nats/byte", title=f"{self.cfg.n_layers}L d{self.cfg.d_model} on "
+               + "x".join(f"{k}={v}" for k, v in self.mesh.shape.items()))
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(self.out / "loss.png", dpi=100)
+        plt.close(fig)
+        section("written")
+        print(f"  {self.out / 'report.json'}\n  {self.out / 'loss.png'}")

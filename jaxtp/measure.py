@@ -1,0 +1,51 @@
+"""Measurements the reports quote: this machine's matmul peak, and per-layer collectives of a step.
+
+Peak: the median FLOP/s of a large f32 matmul on one device (XLA:CPU runs one op on all cores, and the
+fake devices of a CPU mesh share those same cores, so this is the machine's peak, not a device's).
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .hlo import parse_collectives
+
+
+def matmul_peak_flops(n: int = 1024, repeats: int = 5, dtype=jnp.float32) -> float:
+    """Median FLOP/s of an n x n x n matmul on the first device, after one warm-up call."""
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda a, b: a @ b)
+    f(a, a).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a, a).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2.0 * n ** 3 / float(np.median(times))
+
+
+def abstract_like(tree):
+    """ShapeDtypeStructs with the same shardings: lets a program compile without allocating inputs."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def per_layer(total: dict, one_layer: dict, n_layers: int) -> dict:
+    """(count(L) - count(1)) / (L - 1) per collective kind@axes, for counts and bytes."""
+    if n_layers < 2:
+        return {}
+    keys = set(total) | set(one_layer)
+    out = {}
+    for k in sorted(keys):
+        a, b = total.get(k, {"count": 0, "bytes": 0}), one_layer.get(k, {"count": 0, "bytes": 0})
+        d = {f: (a[f] - b[f]) / (n_layers - 1) for f in ("count", "bytes")}
+        if d["count"] or d["bytes"]:
+            out[k] = {f: (int(v) if float(v).is_integer() else v) for f, v in d.items()}
+    return out
+
+
+def collectives_of(compiled, mesh) -> dict:
+    return parse_collectives(compiled.as_text(), mesh).summary()

@@ -1,0 +1,156 @@
+"""Training: optax AdamW with warmup+cosine and clipping, one jitted step, held-out evaluation.
+
+The step is functional - (params, opt_state, tokens) -> (params, opt_state, metrics) - jitted once
+with the params and optimizer state donated, so XLA updates them in place. Optimizer moments are
+created under jit from the sharded params and inherit their shardings (f32 master weights).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from flax import nnx
+
+from .loss import cross_entropy, lm_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 128
+    lr: float = 3e-3
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    b1: float = 0.9
+    b2: float = 0.95
+    seed: int = 0
+
+    def __post_init__(self):
+        for f in ("steps", "batch_size", "seq_len"):
+            if getattr(self, f) < 1:
+                raise ValueError(f"{f} must be a positive integer, got {getattr(self, f)}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+def schedule(tc: TrainConfig) -> optax.Schedule:
+    warmup = min(tc.warmup_steps, max(tc.steps - 1, 1))
+    return optax.warmup_cosine_decay_schedule(0.0, tc.lr, warmup, max(tc.steps, warmup + 1),
+                                              end_value=tc.lr * tc.min_lr_ratio)
+
+
+def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # no decay on norm scales
+    return optax.chain(optax.clip_by_global_norm(tc.clip_norm),
+                       optax.adamw(schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay,
+                                   mask=decay_mask))
+
+
+@dataclasses.dataclass
+class Trainer:
+    """Holds the split model (graphdef, params, rest), the optimizer state and the compiled step."""
+
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    rest: nnx.State
+    opt_state: optax.OptState
+    tx: optax.GradientTransformation
+    step_fn: callable
+    step: int = 0
+
+    @classmethod
+    def create(cls, model: nnx.Module, tc: TrainConfig) -> "Trainer":
+        graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        tx = make_optimizer(tc)
+        param_sh, opt_sh = state_shardings(params, tx, model)
+        opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+        return cls(graphdef, params, rest, opt_state, tx, make_train_step(graphdef, rest, tx, param_sh, opt_sh))
+
+    def train_step(self, tokens_BS1) -> dict:
+        self.params, self.opt_state, metrics = self.step_fn(self.params, self.opt_state, tokens_BS1)
+        self.step += 1
+        return metrics
+
+    @property
+    def model(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.params, self.rest)
+
+
+def state_shardings(params, tx, model):
+    """Shardings of the params and of the optimizer state: Adam moments shard exactly like their
+    parameters (optax.tree_map_params pairs them); counters are replicated. Without a mesh: None."""
+    layout = getattr(model, "layout", None)
+    if layout is None:
+        return None, None
+    replicated = NamedSharding(layout.mesh, P())
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    abstract = jax.eval_shape(tx.init, params)
+    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract, param_sh,
+                                   transform_non_params=lambda _: replicated,
+                                   is_leaf=lambda x: isinstance(x, nnx.Variable))
+    return param_sh, opt_sh
+
+
+def make_train_step(graphdef, rest, tx, param_sh=None, opt_sh=None):
+    """The jitted train step, with params and optimizer state donated and their shardings fixed on
+    both sides, so it compiles exactly once (a test checks the jit cache holds one entry)."""
+
+    def step(params, opt_state, tokens_BS1):
+        def loss_of(p):
+            return lm_loss(nnx.merge(graphdef, p, rest), tokens_BS1)
+
+        loss, grads = jax.value_and_grad(loss_of)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+
+    if param_sh is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    metrics_sh = NamedSharding(jax.tree.leaves(param_sh)[0].mesh, P())
+    return jax.jit(step, donate_argnums=(0, 1), out_shardings=(param_sh, opt_sh, metrics_sh))
+
+
+def evaluate(model: nnx.Module, batches) -> dict:
+    """Held-out loss in nats/byte (tokens are bytes), bits/byte and perplexity."""
+    graphdef, state = nnx.split(model)
+    fn = jax.jit(lambda state, t: cross_entropy(nnx.merge(graphdef, state)(t[:, :-1]), t[:, 1:]))
+    losses = [float(fn(state, b)) for b in batches]
+    nats = sum(losses) / len(losses)
+    return {"loss": nats, "bits_per_byte": nats / math.log(2), "perplexity": math.exp(nats)}
+
+
+def train_flops_per_step(cfg, batch_size: int, seq_len: int) -> float:
+    """Model FLOPs per step (PaLM convention): 6*P*T over matmul params (the embedding lookup is no
+    matmul; the head is) plus attention 12*L*B*S^2*N*H counted non-causally. No remat counted."""
+    T = batch_size * seq_len
+    matmul_params = cfg.param_count() - cfg.vocab_size * cfg.d_model - (2 * cfg.n_layers + 1) * cfg.d_model
+    return 6.0 * matmul_params * T + 12.0 * cfg.n_layers * batch_size * seq_len ** 2 * cfg.n_heads * cfg.head_dim
+
+
+def compile_train_step(cfg, layout, tc: TrainConfig, batch_sharding):
+    """Compile the train step of `cfg` from abstract shapes only (nothing allocated) - used to read
+    the collectives of a 1-layer variant next to the real model's."""
+    from .model import abstract_model
+
+    graphdef, params, rest = nnx.split(abstract_model(cfg, layout), nnx.Param, ...)
+    shardings = layout.state_shardings(params)
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
+    tx = make_optimizer(tc)
+    param_sh, opt_sh = state_shardings(params, tx, _HasLayout(layout))
+    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                             jax.eval_shape(tx.init, params), opt_sh)
+    batch = jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len + 1), jnp.int32, sharding=batch_sharding)
+    return make_train_step(graphdef, rest, tx, param_sh, opt_sh).lower(params, opt_state, batch).compile()
+
+
+@dataclasses.dataclass
+class _HasLayout:
+    layout: object
