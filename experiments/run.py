@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import math
+import os
 import pathlib
 import sys
 
@@ -50,6 +51,9 @@ DEFAULTS = {  # per-preset (steps, lr); chosen for the best held-out loss within
 }
 
 
+FAKE_CPU_DEVICES = 8
+
+
 class UsageError(Exception):
     """Bad input: printed as one line, exit code 2, no traceback."""
 
@@ -59,13 +63,15 @@ def fail(msg: str):
 
 
 def setup_devices(spec: str):
+    """Use the accelerators if there are enough; otherwise 8 fake CPU devices (a laptop's 'cluster').
+    More fake devices: set XLA_FLAGS=--xla_force_host_platform_device_count=N before starting."""
     axes = parse_mesh_spec(spec)
-    need = math.prod(axes.values())
-    jaxtp.use_cpu_devices(max(need, 8))  # affects only the CPU backend; accelerators are used if enough
+    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+        jaxtp.use_cpu_devices(FAKE_CPU_DEVICES)  # affects only the CPU backend
     import jax
 
     devices = jax.devices()
-    if len(devices) < need:
+    if len(devices) < math.prod(axes.values()):
         devices = jax.devices("cpu")
     return jaxtp.make_mesh(spec, devices)
 

@@ -110,7 +110,7 @@ def make_train_step(graphdef, rest, tx, param_sh=None, opt_sh=None):
         loss, grads = jax.value_and_grad(loss_of)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     if param_sh is None:
         return jax.jit(step, donate_argnums=(0, 1))
