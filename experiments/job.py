@@ -15,7 +15,7 @@ import numpy as np
 from tqdm import tqdm
 
 import jaxtp
-from jaxtp import data, measure, train
+from jaxtp import checkpoint, data, measure, train
 from jaxtp.mesh import describe_mesh
 
 PRECISIONS = ("f32", "bf16", "int8", "w8a8")
@@ -34,14 +34,18 @@ def fmt_bytes(n: float) -> str:
 
 
 class TrainingJob:
-    def __init__(self, out: pathlib.Path, cfg, tc, mesh, corpus, sample_len: int = 200):
+    def __init__(self, out: pathlib.Path, cfg, tc, mesh, corpus, sample_len: int = 200, checkpoint_every: int = 0,
+                 keep: int = 3, resume: bool = False):
         self.out, self.cfg, self.tc, self.mesh, self.corpus, self.sample_len = out, cfg, tc, mesh, corpus, sample_len
+        self.checkpoint_every, self.resume = checkpoint_every, resume
+        self.ckpts = checkpoint.TrainCheckpoints(out / "checkpoints", keep) if checkpoint_every or resume else None
         self.report: dict = {"mesh": dict(mesh.shape), "model": cfg.to_dict(), "train": tc.__dict__,
                              "data": corpus.describe()}
 
     def run(self):
         self.show_layout()
         self.trainer = train.Trainer.create(self.model, self.tc)
+        self.losses = self.restore() if self.resume else []
         self.compile_and_inspect()
         self.train()
         self.evaluate()
@@ -80,9 +84,31 @@ class TrainingJob:
                 out[p] = jaxtp.param_table(jaxtp.cast(self.model, p)).bytes_per_device
         return out
 
+    def identity(self) -> dict:
+        """What must match for a resume to continue the same run (the mesh may change)."""
+        return {"config": self.cfg.to_dict(), "train": dict(self.tc.__dict__), "data": self.corpus.describe()}
+
+    def restore(self) -> list:
+        tr = self.trainer
+        step, tr.params, tr.opt_state, meta = self.ckpts.restore(tr.params, tr.opt_state)
+        mine = json.loads(json.dumps(self.identity()))
+        for key in ("config", "train", "data"):
+            if meta.get(key) != mine[key]:
+                raise ValueError(f"--resume: the checkpoint in {self.ckpts.directory} was written with a different "
+                                 f"{key} ({meta.get(key)} vs now {mine[key]}); use the original arguments")
+        tr.step = step
+        print(f"resumed from step {step} of {self.tc.steps} ({self.ckpts.directory})")
+        return list(meta["loss"])
+
+    def save_checkpoint(self):
+        tr = self.trainer
+        self.ckpts.save(tr.step, tr.params, tr.opt_state, {**self.identity(), "loss": self.losses})
+        self.ckpts.wait()  # a checkpoint counts only once complete; --resume picks the newest complete one
+        print(f"checkpoint saved at step {tr.step}", flush=True)
+
     def compile_and_inspect(self):
         tr, tc = self.trainer, self.tc
-        batch0 = data.train_batch(self.corpus.train, self.mesh, tc.batch_size, tc.seq_len, tc.seed, 0)
+        batch0 = data.train_batch(self.corpus.train, self.mesh, tc.batch_size, tc.seq_len, tc.seed, tr.step)
         t = time.perf_counter()
         compiled = tr.step_fn.lower(tr.params, tr.opt_state, batch0).compile()
         self.report["timing"] = {"compile_s": time.perf_counter() - t}
@@ -112,10 +138,11 @@ class TrainingJob:
     def train(self):
         section(f"training: {self.corpus.describe()}")
         tr, tc = self.trainer, self.tc
-        losses, times = [], []
+        losses, times = self.losses, []
         tokens = tc.batch_size * tc.seq_len
-        bar = tqdm(range(tc.steps), desc="train", unit="step", mininterval=1.0)
-        batch = data.train_batch(self.corpus.train, self.mesh, tc.batch_size, tc.seq_len, tc.seed, 0)
+        bar = tqdm(range(tr.step, tc.steps), desc="train", unit="step", mininterval=1.0, initial=tr.step,
+                   total=tc.steps)
+        batch = data.train_batch(self.corpus.train, self.mesh, tc.batch_size, tc.seq_len, tc.seed, tr.step)
         for step in bar:
             t = time.perf_counter()
             metrics = tr.train_step(batch)
@@ -127,7 +154,11 @@ class TrainingJob:
             if not math.isfinite(loss):
                 raise ValueError(f"loss became {loss} at step {step + 1}; lower --lr")
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / times[-1]:,.0f}", refresh=False)
+            if self.checkpoint_every and tr.step % self.checkpoint_every == 0:
+                self.save_checkpoint()
         bar.close()
+        if self.ckpts is not None:
+            self.ckpts.close()
         self.report["loss"] = losses
         self.step_times = times
 
@@ -162,7 +193,7 @@ class TrainingJob:
     def timing(self):
         section("speed")
         tc, t = self.tc, self.report["timing"]
-        warm = self.step_times[min(5, len(self.step_times) - 1):]
+        warm = self.step_times[min(5, len(self.step_times) - 1):] or [float("nan")]
         t["step_s_median"] = float(np.median(warm))
         t["tokens_per_s"] = tc.batch_size * tc.seq_len / t["step_s_median"]
         t["flops_per_step"] = train.train_flops_per_step(self.cfg, tc.batch_size, tc.seq_len)

@@ -41,6 +41,12 @@ def parse_args(argv=None):
                    help="matmul/activation dtype; parameters stay float32 masters (default float32 on CPU)")
     p.add_argument("--out", default=None, help="output directory (default runs/<timestamp>)")
     p.add_argument("--force", action="store_true", help="reuse an --out directory that holds another run")
+    p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
+                   help="save the full train state to DIR/checkpoints every N steps (default 0: never)")
+    p.add_argument("--keep", type=int, default=3, metavar="K", help="checkpoints to keep (default 3)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out DIR from its latest complete checkpoint (same arguments; "
+                        "the mesh may differ)")
     p.add_argument("--sample-len", type=int, default=200, help="bytes to generate for the sample (default 200)")
     return p.parse_args(argv)
 
@@ -76,9 +82,14 @@ def setup_devices(spec: str):
     return jaxtp.make_mesh(spec, devices)
 
 
-def check_out_dir(out: pathlib.Path, force: bool):
+def check_out_dir(out: pathlib.Path, force: bool, resume: bool):
+    if resume:
+        if not (out / "checkpoints").is_dir():
+            fail(f"--resume: {out} holds no checkpoints directory; run with --checkpoint-every N first")
+        return
     if out.exists() and any(out.iterdir()) and not force:
-        fail(f"--out {out} already holds files (another run?); pick a new --out, or pass --force to reuse it")
+        fail(f"--out {out} already holds files (another run?); pick a new --out, pass --resume to continue "
+             "it, or --force to reuse it")
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -105,16 +116,21 @@ def run(args) -> int:
     seq_len = args.seq_len or cfg.max_seq_len
     if seq_len < 1 or seq_len > cfg.max_seq_len:
         fail(f"--seq-len {seq_len} is outside 1..{cfg.max_seq_len} (the {args.model} preset's max_seq_len)")
+    if args.checkpoint_every < 0 or args.keep < 1:
+        fail("--checkpoint-every must be >= 0 and --keep >= 1")
+    if args.resume and not args.out:
+        fail("--resume needs --out DIR (the run to continue)")
     if args.batch_size < 1:
         fail(f"--batch-size must be a positive integer, got {args.batch_size}")
     out = pathlib.Path(args.out or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}")
     mesh = setup_devices(args.mesh)
     jaxtp.data.check_batch(args.batch_size, mesh)
     corpus = jaxtp.data.load_corpus(args.data, seed=args.seed)
-    check_out_dir(out, args.force)
+    check_out_dir(out, args.force, args.resume)
 
     tc = jaxtp.TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=seq_len, lr=lr, seed=args.seed)
-    TrainingJob(out, cfg, tc, mesh, corpus, sample_len=args.sample_len).run()
+    TrainingJob(out, cfg, tc, mesh, corpus, sample_len=args.sample_len, checkpoint_every=args.checkpoint_every,
+                keep=args.keep, resume=args.resume).run()
     return 0
 
 

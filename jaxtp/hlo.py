@@ -63,7 +63,7 @@ def _shape_bytes(text: str) -> int:
 
 def _iota(text: str, n: int) -> np.ndarray:
     """'[2,4]T(1,0)' -> arange reshaped and transposed; anything else -> arange(n)."""
-    m = re.fullmatch(r"\s*\[([0-9,]+)\](?:T\(([0-9,]+)\))?\s*", text)
+    m = re.fullmatch(r"\s*\[([0-9,]+)\](?:T\(([0-9,]+)\))?\s*", text or "")
     if not m:
         return np.arange(n)
     ids = np.arange(n).reshape([int(x) for x in m.group(1).split(",")])
@@ -82,8 +82,9 @@ def _groups(line: str, n_devices: int) -> list[list[int]]:
         if m.group(3):
             ids = ids.transpose([int(x) for x in m.group(3).split(",")])
         return ids.reshape(shape).tolist()
-    m = re.search(r"replica_groups=mesh\[([^\]]*)\], device_ids=\((\[[0-9,]+\](?:T\([0-9,]+\))?)\)\s*\{([^}]*)\}", line)
-    if m:  # mesh form: mesh['axis_0'=4,'axis_1'=2], device_ids=([2,4]T(1,0)) {'axis_0'}
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\((\[[0-9,]+\](?:T\([0-9,]+\))?)\))?\s*"
+                  r"\{([^}]*)\}", line)
+    if m:  # mesh form: mesh['axis_0'=4,'axis_1'=2], device_ids=([2,4]T(1,0)) {'axis_0'}; no device_ids = iota
         names = re.findall(r"'([^']+)'=", m.group(1))
         sizes = [int(x) for x in re.findall(r"=(\d+)", m.group(1))]
         ids = _iota(m.group(2), int(np.prod(sizes))).reshape(sizes)
