@@ -141,7 +141,7 @@ class TrainingJob:
         losses, times = self.losses, []
         tokens = tc.batch_size * tc.seq_len
         bar = tqdm(range(tr.step, tc.steps), desc="train", unit="step", mininterval=1.0, initial=tr.step,
-                   total=tc.steps)
+                   total=tc.steps, disable=jax.process_index() != 0)
         batch = data.train_batch(self.corpus.train, self.mesh, tc.batch_size, tc.seq_len, tc.seed, tr.step)
         for step in bar:
             t = time.perf_counter()
@@ -208,6 +208,8 @@ class TrainingJob:
               f"-> MFU {100 * t['mfu']:.1f}%")
 
     def write(self):
+        if jax.process_index() != 0:  # reports and plots are written once
+            return
         (self.out / "report.json").write_text(json.dumps(self.report, indent=1, default=str))
         import matplotlib
 

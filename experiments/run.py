@@ -23,6 +23,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import jaxtp  # noqa: E402  (jax is imported, but its backends start only when first used)
 from jaxtp.mesh import parse_mesh_spec  # noqa: E402
 from job import TrainingJob  # noqa: E402
+from jaxtp.distributed import ENV, initialize, launch_local  # noqa: E402
+
+
+def _env_int(name):
+    value = os.environ.get(name)
+    return int(value) if value and value.isdigit() else None
 
 
 def parse_args(argv=None):
@@ -47,6 +53,14 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out DIR from its latest complete checkpoint (same arguments; "
                         "the mesh may differ)")
+    p.add_argument("--processes", type=int, default=0, metavar="N",
+                   help="launch N local processes on loopback that share one mesh (each fakes its devices)")
+    p.add_argument("--coordinator", default=os.environ.get(ENV["coordinator"]), metavar="HOST:PORT",
+                   help=f"join a multi-process run coordinated at HOST:PORT (env {ENV['coordinator']})")
+    p.add_argument("--num-processes", type=int, default=_env_int(ENV["num_processes"]),
+                   help=f"processes in the run (env {ENV['num_processes']})")
+    p.add_argument("--process-id", type=int, default=_env_int(ENV["process_id"]),
+                   help=f"this process's index, 0..N-1; process 0 writes reports (env {ENV['process_id']})")
     p.add_argument("--sample-len", type=int, default=200, help="bytes to generate for the sample (default 200)")
     return p.parse_args(argv)
 
@@ -68,18 +82,25 @@ def fail(msg: str):
     raise UsageError(msg)
 
 
-def setup_devices(spec: str):
-    """Use the accelerators if there are enough; otherwise 8 fake CPU devices (a laptop's 'cluster').
-    More fake devices: set XLA_FLAGS=--xla_force_host_platform_device_count=N before starting."""
-    axes = parse_mesh_spec(spec)
-    if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+def setup_devices(args):
+    """Use the accelerators if there are enough; otherwise fake CPU devices (8, or mesh/processes each
+    in a multi-process run). More fake devices: XLA_FLAGS=--xla_force_host_platform_device_count=N."""
+    axes = parse_mesh_spec(args.mesh)
+    need = math.prod(axes.values())
+    if args.coordinator:
+        if not args.num_processes or args.process_id is None:
+            fail("--coordinator needs --num-processes and --process-id (or their environment variables)")
+        if need % args.num_processes:
+            fail(f"mesh {args.mesh!r} has {need} devices, not divisible by {args.num_processes} processes")
+        initialize(args.coordinator, args.num_processes, args.process_id, local_devices=need // args.num_processes)
+    elif "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         jaxtp.use_cpu_devices(FAKE_CPU_DEVICES)  # affects only the CPU backend
     import jax
 
     devices = jax.devices()
-    if len(devices) < math.prod(axes.values()):
+    if len(devices) < need and not args.coordinator:
         devices = jax.devices("cpu")
-    return jaxtp.make_mesh(spec, devices)
+    return jaxtp.make_mesh(args.mesh, devices)
 
 
 def check_out_dir(out: pathlib.Path, force: bool, resume: bool):
@@ -95,9 +116,16 @@ def check_out_dir(out: pathlib.Path, force: bool, resume: bool):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.processes:
+        if args.processes < 1 or args.coordinator:
+            print("error: --processes N needs N >= 1 and no --coordinator", file=sys.stderr)
+            return 2
+        rest = [a for a in (argv if argv is not None else sys.argv[1:])]
+        i = rest.index("--processes")
+        return launch_local([str(pathlib.Path(__file__).resolve()), *rest[:i], *rest[i + 2:]], args.processes)
     try:
         return run(args)
-    except (UsageError, ValueError, OSError) as e:
+    except (UsageError, ValueError, OSError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
@@ -123,10 +151,15 @@ def run(args) -> int:
     if args.batch_size < 1:
         fail(f"--batch-size must be a positive integer, got {args.batch_size}")
     out = pathlib.Path(args.out or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}")
-    mesh = setup_devices(args.mesh)
+    mesh = setup_devices(args)
+    import jax
+
+    if jax.process_index() != 0:  # one report: process 0 prints and writes, the others only compute
+        sys.stdout = open(os.devnull, "w")
     jaxtp.data.check_batch(args.batch_size, mesh)
     corpus = jaxtp.data.load_corpus(args.data, seed=args.seed)
-    check_out_dir(out, args.force, args.resume)
+    if jax.process_index() == 0:
+        check_out_dir(out, args.force, args.resume)
 
     tc = jaxtp.TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=seq_len, lr=lr, seed=args.seed)
     TrainingJob(out, cfg, tc, mesh, corpus, sample_len=args.sample_len, checkpoint_every=args.checkpoint_every,

@@ -1,0 +1,707 @@
+"""Analytic cost model: memory, FLOPs, collectives and step time per device, before anything runs.
+
+`plan(cfg, "16x8", batch_size=..., seq_len=...)` answers "will it fit, and is TP communication-bound?"
+without devices. Parameter shapes and placements come from the model's own declarations
+(`abstract_model` + the rules table), so parameter and optimizer bytes are exact; activations and
+collectives follow what XLA compiles for this model, measured on XLA:CPU with fake devices and
+checked in tests/test_plan.py against `compiled.memory_analysis()` and the HLO. Formulas and their
+sources: /work/shared/THEORY.md (B1-B8). Notation: B batch, S seq, T tokens, D d_model, F d_ff, N heads,
+K kv heads, H head dim, L layers, V (padded) vocab; a trailing `_l` means "per device" (local shard).
+
+Bytes of a collective follow jaxtp.hlo: the size of the unsharded buffer it produces (an all-reduce's
+per-device buffer, an all-gather's gathered output, a reduce-scatter's input).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time as _time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from .config import ModelConfig, to_dtype
+from .mesh import parse_mesh_spec
+from .model import abstract_model
+from .sharding import Layout, resolve_rules, spec_for
+
+GiB = 2 ** 30
+
+
+# ----------------------------------------------------------------------------------------------- hardware
+
+@dataclasses.dataclass(frozen=True)
+class Hardware:
+    """Per-device peaks. `link_bytes_per_s` is what one device pushes into a ring collective along one
+    mesh axis inside its fast domain (NVLink island / ICI slice), per direction; `dcn_bytes_per_s` is
+    the same across domains (InfiniBand / data-centre network). `node_size` devices share the fast
+    domain; a mesh axis whose devices span domains runs at the DCN rate (the slowest ring link)."""
+
+    name: str
+    flops_per_s: float  # dense bf16 matmul peak (f32 for the measured CPU)
+    hbm_bytes_per_s: float
+    hbm_bytes: float
+    link_bytes_per_s: float
+    node_size: int
+    dcn_bytes_per_s: float
+    latency_s: float = 1e-6  # per ring hop inside the fast domain (THEORY B2: T_min ~ 1 us)
+    dcn_latency_s: float = 1e-5  # per hop across domains: an assumption, not a quoted figure
+    native_bf16: bool = True  # False: XLA:CPU upcasts bf16 matmuls, so activation collectives move f32
+    source: str = ""
+
+
+HARDWARE: dict[str, Hardware | None] = {
+    # NVIDIA A100 SXM4 80GB datasheet: 312 TFLOP/s dense BF16, HBM2e 2,039 GB/s, NVLink3 600 GB/s total
+    # (300 GB/s per direction); DGX A100: one 200 Gb/s HDR InfiniBand NIC per GPU (25 GB/s).
+    "a100": Hardware("a100", 312e12, 2.039e12, 80 * GiB, 300e9, 8, 25e9,
+                     source="NVIDIA A100 datasheet; DGX A100 user guide"),
+    # NVIDIA H100 SXM5 datasheet: 989 TFLOP/s dense BF16 (1,979 with sparsity), HBM3 3.35 TB/s, 80 GB,
+    # NVLink4 900 GB/s total (450 GB/s per direction; THEORY B3 uses W = 450 GB/s); DGX H100: one
+    # 400 Gb/s ConnectX-7 per GPU (50 GB/s).
+    "h100": Hardware("h100", 989e12, 3.35e12, 80 * GiB, 450e9, 8, 50e9,
+                     source="NVIDIA H100 datasheet; DGX H100 user guide; THEORY.md B3"),
+    # NVIDIA H200 SXM datasheet: same Hopper compute (989 TFLOP/s BF16 dense) and NVLink (900 GB/s),
+    # 141 GB HBM3e at 4.8 TB/s; 400 Gb/s NIC per GPU in HGX H200 systems.
+    "h200": Hardware("h200", 989e12, 4.8e12, 141e9, 450e9, 8, 50e9,
+                     source="NVIDIA H200 datasheet"),
+    # Cloud TPU v5e docs: 197 TFLOP/s BF16, 16 GB HBM2 at 819 GB/s, 256-chip pod (2D torus), DCN
+    # 6.4 Tb/s per pod (25 Gb/s = 3.1 GB/s per chip). Scaling book: ICI 4.5e10 B/s one way per link,
+    # so a bidirectional ring along one torus axis moves 9e10 B/s per chip.
+    "tpu-v5e": Hardware("tpu-v5e", 197e12, 819e9, 16e9, 9e10, 256, 3.125e9,
+                        source="cloud.google.com/tpu/docs/v5e; jax-ml scaling book"),
+    # Cloud TPU v5p docs: 459 TFLOP/s BF16, 95 GiB HBM at 2,765 GB/s, 8,960-chip pod (3D torus), ICI
+    # 1,200 GB/s bidirectional per chip, DCN 50 Gb/s per chip. Scaling book / THEORY B3: W = 1.8e11 B/s
+    # bidirectional along one axis (alpha = C/W ~ 2550).
+    "tpu-v5p": Hardware("tpu-v5p", 459e12, 2.765e12, 95 * GiB, 1.8e11, 8960, 6.25e9,
+                        source="cloud.google.com/tpu/docs/v5p-training; THEORY.md B3"),
+    # Measured at run time (jaxtp.plan.measure_cpu): f32 matmul FLOP/s and copy bandwidth of this host;
+    # fake devices exchange collectives through host memory, so the link rate is the copy rate too.
+    "cpu": None,
+}
+
+
+@functools.lru_cache(maxsize=1)
+def measure_cpu(n: int = 1024, copy_mib: int = 64) -> Hardware:
+    """Time an f32 n x n matmul and a large copy on the first CPU device (best of a few runs)."""
+    dev = jax.devices("cpu")[0]
+    a = jax.device_put(jnp.ones((n, n), jnp.float32), dev)
+    mm = jax.jit(lambda x: x @ x)
+    x = jax.device_put(jnp.ones((copy_mib * 2 ** 18,), jnp.float32), dev)
+    cp = jax.jit(lambda y: y + 1.0)
+    mm(a).block_until_ready(), cp(x).block_until_ready()
+
+    def best(f, arg, reps=5):
+        times = []
+        for _ in range(reps):
+            t = _time.perf_counter()
+            f(arg).block_until_ready()
+            times.append(_time.perf_counter() - t)
+        return min(times)
+
+    flops = 2 * n ** 3 / best(mm, a)
+    bw = 2 * x.nbytes / best(cp, x)  # read + write
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # host RAM, shared by fake devices
+    except (ValueError, OSError, AttributeError):
+        total = 16 * GiB
+    return Hardware("cpu", flops, bw, float(total), bw, 1 << 30, bw, latency_s=1e-5,
+                    dcn_latency_s=1e-5, native_bf16=False, source="measured: f32 matmul and copy on this host")
+
+
+def get_hardware(hw: str | Hardware) -> Hardware:
+    if isinstance(hw, Hardware):
+        return hw
+    if hw not in HARDWARE:
+        raise ValueError(f"unknown hardware {hw!r}; choose one of {sorted(HARDWARE)} or pass a jaxtp.plan.Hardware")
+    return measure_cpu() if hw == "cpu" else HARDWARE[hw]
+
+
+# ------------------------------------------------------------------------------------------- mesh shapes
+
+class MeshShape:
+    """What resolve_rules / Layout / abstract_model read from a Mesh (`.shape`, `.devices.size`), for
+    meshes larger than this machine: planning never touches devices."""
+
+    def __init__(self, axes: Mapping[str, int]):
+        self.shape = dict(axes)
+        self.axis_names = tuple(axes)
+        self.devices = np.empty(tuple(axes.values()), np.int8)  # only .size / .shape are read
+
+    def __repr__(self):
+        return "MeshShape(" + ", ".join(f"{k}={v}" for k, v in self.shape.items()) + ")"
+
+
+def _mesh_shape(mesh) -> MeshShape:
+    if isinstance(mesh, str):
+        return MeshShape(parse_mesh_spec(mesh))
+    if isinstance(mesh, Mapping):
+        return MeshShape(mesh)
+    return MeshShape(dict(mesh.shape))  # a jax Mesh or a MeshShape
+
+
+def _axes(target) -> tuple[str, ...]:
+    return () if target is None else (target,) if isinstance(target, str) else tuple(target)
+
+
+def _resolve(cfg: ModelConfig, mesh: MeshShape, rules) -> tuple[dict, list[str], bool]:
+    """resolve_rules, but a divisibility error becomes a warning and that logical axis is replicated, so
+    an impossible layout is still planned (marked invalid) instead of raising."""
+    import re
+
+    from .sharding import RULE_PRESETS
+
+    if rules is None or isinstance(rules, str):
+        if (rules or "megatron") not in RULE_PRESETS:
+            raise ValueError(f"unknown rules preset {rules!r}; choose one of {sorted(RULE_PRESETS)}")
+        rules = RULE_PRESETS[rules or "megatron"]
+    table = dict(rules)
+    warnings = []
+    for _ in range(len(table)):
+        try:
+            return resolve_rules(cfg, mesh, table), warnings, not warnings
+        except ValueError as e:
+            m = re.search(r"logical axis '(\w+)'", str(e))
+            if not m:
+                raise
+            warnings.append(f"not divisible: {str(e).split('; pick')[0]} - planned with {m.group(1)!r} "
+                            "replicated, but Transformer.create would refuse this mesh")
+            table[m.group(1)] = None
+    raise RuntimeError("unreachable")
+
+
+# ---------------------------------------------------------------------------------------------- params
+
+@dataclasses.dataclass(frozen=True)
+class ParamInfo:
+    path: str
+    logical: tuple
+    spec: tuple  # per dimension: tuple of mesh axes
+    shape: tuple
+    local_shape: tuple
+    dtype: str
+
+    @property
+    def local_bytes(self) -> int:
+        return math.prod(self.local_shape) * jnp.dtype(self.dtype).itemsize
+
+    @property
+    def sharded_over(self) -> set:
+        return {a for axes in self.spec for a in axes}
+
+
+@functools.lru_cache(maxsize=64)
+def _block_and_rest(cfg: ModelConfig, mesh_items: tuple, rules_items: tuple):
+    """Abstract parameters of a ONE-block model (every block has the same declarations; tracing all L of
+    a 70b model through nnx.eval_shape takes minutes, one takes a second)."""
+    mesh, rules = MeshShape(dict(mesh_items)), dict(rules_items)
+    model = abstract_model(cfg.replace(n_layers=1), Layout(mesh, rules))
+    rows = []
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = var.get_value() if hasattr(var, "get_value") else var.value
+        names = tuple(var.get_metadata().get("out_sharding") or ())
+        where = "/".join(map(str, path))
+        spec = spec_for(names, rules, where) if names else jax.sharding.PartitionSpec()
+        spec_axes = tuple(_axes(s) for s in tuple(spec) + (None,) * (len(value.shape) - len(spec)))
+        local = []
+        for dim, axes in zip(value.shape, spec_axes):
+            split = math.prod(mesh.shape.get(a, 1) for a in axes)
+            local.append(dim // split if dim % split == 0 else -(-dim // split))
+        rows.append(ParamInfo(where, names, spec_axes, tuple(value.shape), tuple(local), str(value.dtype)))
+    return tuple(rows)
+
+
+def param_infos(cfg: ModelConfig, mesh, rules=None) -> list[ParamInfo]:
+    """Every parameter of `cfg` on `mesh`: global and per-device shapes from the model's declarations."""
+    mesh = _mesh_shape(mesh)
+    resolved = resolve_rules(cfg, mesh, rules)
+    return _expand(cfg, _block_and_rest(cfg, tuple(mesh.shape.items()), tuple(resolved.items())))
+
+
+def _expand(cfg: ModelConfig, rows) -> list[ParamInfo]:
+    out = []
+    for r in rows:
+        if r.path.startswith("blocks/0/"):
+            out += [dataclasses.replace(r, path=f"blocks/{i}/" + r.path[len("blocks/0/"):]) for i in range(cfg.L)]
+        else:
+            out.append(r)
+    return out
+
+
+def _optimizer(optimizer) -> optax.GradientTransformation:
+    if isinstance(optimizer, optax.GradientTransformation):
+        return optimizer
+    if optimizer == "adamw":
+        from .train import TrainConfig, make_optimizer
+
+        return make_optimizer(TrainConfig())  # exactly what Trainer uses (moments in the param dtype)
+    makers = {"adam": lambda: optax.adam(1e-3), "sgd": lambda: optax.sgd(1e-3),
+              "momentum": lambda: optax.sgd(1e-3, momentum=0.9), "lion": lambda: optax.lion(1e-4)}
+    if optimizer not in makers:
+        raise ValueError(f"unknown optimizer {optimizer!r}; use one of {['adamw', *makers]} or an optax transform")
+    return makers[optimizer]()
+
+
+def optimizer_bytes(infos: list[ParamInfo], optimizer="adamw") -> int:
+    """Per-device optimizer state: the optimizer's own init traced on per-device parameter shapes. Exact
+    for element-wise optimizers (Adam, SGD, Lion), whose state shards like the parameters."""
+    local = {i.path: jax.ShapeDtypeStruct(i.local_shape, i.dtype) for i in infos}
+    state = jax.eval_shape(_optimizer(optimizer).init, local)
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
+
+
+# ------------------------------------------------------------------------------------------ collectives
+
+def _coll(kind, axis, group, count, nbytes, what, per_layer=False, critical=True) -> dict:
+    return {"kind": kind, "axis": axis, "group": group, "count": count, "bytes": int(nbytes), "what": what,
+            "per_layer": per_layer, "critical": critical}
+
+
+def _train_collectives(cfg, d: dict, act_b: int) -> list[dict]:
+    """The train step's collectives, itemised as XLA emits them (jax 0.10.2, measured on XLA:CPU).
+
+    Model axis (Megatron TP): forward, one all-reduce per row-parallel output - embedding lookup
+    (vocab-parallel gather, in the table's dtype), attention output projection and MLP down projection
+    per layer; the vocab-parallel loss adds two [B, S] f32 all-reduces (max and sum of logsumexp). The
+    backward adds one [B, S, D] all-reduce for the head, and per layer one for the MLP and one for
+    attention. XLA does NOT sum the partial input-gradients of gate/up (or q/k/v) before reducing them:
+    the MLP op carries 2 [B, S, D] buffers and the attention op 3 (q, k, v), merged into one tuple
+    all-reduce each by XLA's all-reduce combiner. So the count is Megatron's 4 per layer, but the bytes
+    are 7 activations per layer, not 4. The target-logit [B, S] sum (needed only for the loss value) and
+    the clip-by-global-norm partial sums (two f32 scalars per model-sharded parameter: clipping and the
+    grad_norm metric) ride in combined ops, the latter in an op of their own.
+    Replicated kv heads (K < model axis): k/v input-gradients are whole on every rank (no [B,S,D]
+    reduce), but dK, dV are summed over the n/K ranks sharing a kv head ([B,S,1,H] each, one op) and
+    all-gathered back to [B,S,K,H] (two ops), as tests/test_collectives.py measures.
+    Data axis: one all-reduce of every local gradient (plus the f32 loss), combined into one op; it can
+    overlap the backward pass, the model-axis ones sit on the critical path."""
+    L, D, H = cfg.L, cfg.D, cfg.H
+    tp, n, dp, nd = d["tp_axis"], d["n"], d["dp_axis"], d["d"]
+    BS = d["B_l"] * d["S"]
+    out = []
+    if n > 1:
+        if d["vocab_sharded"]:
+            out.append(_coll("all-reduce", tp, n, 1, BS * D * d["param_b"], "embedding lookup (vocab-parallel)"))
+        if d["heads_sharded"]:
+            out.append(_coll("all-reduce", tp, n, L, L * BS * D * act_b, "attention out-projection (fwd)", True))
+        if d["mlp_sharded"]:
+            out.append(_coll("all-reduce", tp, n, L, L * BS * D * act_b, "MLP down-projection (fwd)", True))
+        if d["vocab_sharded"]:
+            out.append(_coll("all-reduce", tp, n, 2, 2 * BS * 4, "loss: logsumexp max and sum over vocab"))
+            out.append(_coll("all-reduce", tp, n, 0, BS * 4, "loss: target logit (combined into another op)"))
+            out.append(_coll("all-reduce", tp, n, 1, BS * D * act_b, "head input-gradient (bwd)"))
+        if d["mlp_sharded"]:
+            out.append(_coll("all-reduce", tp, n, L, L * 2 * BS * D * act_b, "MLP gate+up input-gradients (bwd)", True))
+        if d["heads_sharded"]:
+            n_in = 3 if d["kv_sharded"] else 1
+            out.append(_coll("all-reduce", tp, n, L, L * n_in * BS * D * act_b,
+                             f"attention {'q+k+v' if n_in == 3 else 'q'} input-gradients (bwd)", True))
+            if not d["kv_sharded"]:
+                share = max(n // cfg.K, 1)
+                out.append(_coll("all-reduce", tp, share, L, L * 2 * BS * H * act_b,
+                                 "dK, dV summed over ranks sharing a kv head (bwd)", True))
+                out.append(_coll("all-gather", tp, min(n, cfg.K), 2 * L, L * 2 * BS * cfg.K * H * act_b,
+                                 "dK, dV gathered to replicated kv heads (bwd)", True))
+        if d["n_tp_leaves"]:
+            out.append(_coll("all-reduce", tp, n, 1, 2 * 4 * d["n_tp_leaves"], "global-norm partial sums"))
+    if nd > 1:
+        out.append(_coll("all-reduce", dp, nd, 1, d["param_bytes"] + 4, "gradients (+ loss) over data",
+                         critical=False))
+    return out
+
+
+def _decode_collectives(cfg, d: dict, act_b: int) -> list[dict]:
+    """One decode step (analytic, not compiler-checked): the forward all-reduces on [B, 1, D]."""
+    L, D, n = cfg.L, cfg.D, d["n"]
+    B = d["B_l"]
+    out = []
+    if n > 1:
+        if d["vocab_sharded"]:
+            out.append(_coll("all-reduce", d["tp_axis"], n, 1, B * D * d["param_b"], "embedding lookup"))
+        if d["heads_sharded"]:
+            out.append(_coll("all-reduce", d["tp_axis"], n, L, L * B * D * act_b, "attention out-projection", True))
+        if d["mlp_sharded"]:
+            out.append(_coll("all-reduce", d["tp_axis"], n, L, L * B * D * act_b, "MLP down-projection", True))
+    return out
+
+
+def _summary(items: list[dict], per_layer_only=False) -> dict:
+    out: dict = {}
+    for it in items:
+        if per_layer_only and not it["per_layer"]:
+            continue
+        key = f"{it['kind']}@{it['axis']}"
+        row = out.setdefault(key, {"count": 0, "bytes": 0})
+        row["count"] += it["count"]
+        row["bytes"] += it["bytes"]
+    return dict(sorted(out.items()))
+
+
+def _coll_time(it: dict, hw: Hardware, intra: bool) -> float:
+    """Ring model (THEORY B2): all-reduce sends 2*V*(g-1)/g per device, all-gather/reduce-scatter half."""
+    g = it["group"]
+    if g < 2 or it["bytes"] == 0:
+        return 0.0
+    w = hw.link_bytes_per_s if intra else hw.dcn_bytes_per_s
+    lat = hw.latency_s if intra else hw.dcn_latency_s
+    factor = 2 if it["kind"] == "all-reduce" else 1
+    return factor * it["bytes"] * (g - 1) / g / w + factor * (g - 1) * lat * max(it["count"], 1)
+
+
+# ----------------------------------------------------------------------------------------------- memory
+
+def _activation_bytes_per_token_layer(cfg, d, c: int) -> int:
+    """Bytes per token per layer that the backward keeps from the forward, as XLA:CPU keeps them for this
+    model (read off the buffer assignment of the compiled train step; THEORY B5 asks for the tensors
+    actually saved rather than Korthikanti's 34 s*b*h):
+      2 RMSNorms: normalised x in f32 and its scaled output      2*D*(4 + c)
+      residual stream after attention and after the MLP          2*D*c
+      q after RoPE, k and v (repeated to N heads for GQA),
+      attention output                                           4*N_l*H*c
+      scores/sqrt(H) and softmax probabilities, f32              2*N_l*S*4   (no flash attention)
+      SwiGLU: gate, up, sigmoid(gate), silu(gate), silu*up       5*F_l*c"""
+    return (2 * cfg.D * (4 + c) + 2 * cfg.D * c + 4 * d["N_l"] * cfg.H * c + 2 * d["N_l"] * d["S"] * 4
+            + 5 * d["F_l"] * c)
+
+
+def _memory(cfg, d, c: int, remat, decode: bool, opt_bytes: int, head_grad: int) -> dict:
+    T_l = d["B_l"] * d["S"]
+    P = d["param_bytes"]
+    if decode:
+        K_l = d["K_l"]
+        kv = 2 * cfg.L * d["B_l"] * d["S"] * K_l * cfg.H * c
+        act = d["B_l"] * (4 * cfg.D * 4 + 2 * d["N_l"] * d["S"] * 4 + 3 * d["F_l"] * c)  # one layer's working set
+        logits = d["B_l"] * d["V_l"] * 4
+        return {"params": P, "grads": 0, "optimizer": 0, "activations": act, "logits": logits,
+                "kv_cache": kv, "inputs": d["B_l"] * 4, "total": P + kv + act + logits + d["B_l"] * 4,
+                "peak_phase": "decode"}
+    per_layer = _activation_bytes_per_token_layer(cfg, d, c)
+    if remat in (None, "none", False):
+        layers = cfg.L * per_layer
+    elif remat in ("full", True):  # keep block inputs; recompute one block at a time in the backward
+        layers = cfg.L * cfg.D * c + per_layer
+    else:
+        raise ValueError(f"remat must be None/'none' or 'full', got {remat!r}")
+    # Outside the blocks: embedding output (gathered rows and the masked partial), final RMSNorm (f32 and
+    # scaled), the f32 logits kept for the loss's backward.
+    act = T_l * (layers + 2 * cfg.D * d["param_b"] + cfg.D * (4 + c))
+    logits = T_l * d["V_l"] * 4
+    # Backward working set of the layer being differentiated: dgate/dup [T, F_l] and the attention's
+    # score-sized gradients (dprobs, dscores, ...), or the logits gradient at the very start; plus the
+    # head's gradient, the first parameter gradient to appear.
+    transient = max(T_l * (2 * d["F_l"] * c + 4 * d["N_l"] * d["S"] * 4), logits)
+    backward_peak = act + logits + transient + head_grad
+    # Optimizer update: all gradients live plus one parameter-sized temporary (XLA:CPU writes the
+    # clipped gradient before the fused Adam update; params and moments update in place, donated).
+    update_peak = 2 * P
+    inputs = d["B_l"] * (d["S"] + 1) * 4
+    temp = max(backward_peak, update_peak)
+    total = P + opt_bytes + inputs + temp
+    return {"params": P, "grads": P, "optimizer": opt_bytes, "activations": act, "logits": logits,
+            "backward_transient": transient, "inputs": inputs, "temp": temp, "total": total,
+            "peak_phase": "backward" if backward_peak >= update_peak else "optimizer update"}
+
+
+# ----------------------------------------------------------------------------------------------- plan
+
+@dataclasses.dataclass
+class Plan:
+    model: dict
+    mesh: dict
+    setting: dict
+    hardware: Hardware
+    params: list[ParamInfo]
+    memory: dict
+    flops: dict
+    collectives: dict
+    time: dict
+    mfu: float
+    comm_bound_ratio: float | None
+    warnings: list[str]
+    valid: bool = True
+
+    @property
+    def fits(self) -> bool:
+        return self.memory["total"] <= self.hardware.hbm_bytes
+
+    @property
+    def comm_bound(self) -> bool:
+        return self.comm_bound_ratio is not None and self.comm_bound_ratio < 1
+
+    @property
+    def flops_per_step(self) -> float:
+        return self.flops["model"]
+
+    def to_dict(self) -> dict:
+        hw = dataclasses.asdict(self.hardware)
+        return {"model": self.model, "mesh": self.mesh, "setting": self.setting, "hardware": hw,
+                "memory": dict(self.memory), "fits": self.fits, "flops_per_step": self.flops["model"],
+                "flops": dict(self.flops), "collectives": self.collectives, "time": dict(self.time),
+                "mfu": self.mfu, "comm_bound_ratio": self.comm_bound_ratio, "comm_bound": self.comm_bound,
+                "warnings": list(self.warnings), "valid": self.valid}
+
+    def __str__(self) -> str:
+        return format_plan(self)
+
+
+def plan(cfg: ModelConfig | str, mesh, *, batch_size: int, seq_len: int, param_dtype=None,
+         compute_dtype=None, optimizer="adamw", hardware: str | Hardware = "h100", remat=None,
+         decode: bool = False, rules=None) -> Plan:
+    """Plan one training step (or, with decode=True, one decode step over a `seq_len` KV cache).
+
+    cfg: a ModelConfig or preset name. mesh: a jax Mesh or a spec ("8x8", "2x2x2", "data=2,model=4");
+    no devices are needed. param_dtype / compute_dtype default to the config's (the presets store f32
+    master weights). batch_size is global (split over the data axis). remat: None or "full".
+    """
+    cfg = ModelConfig.preset(cfg) if isinstance(cfg, str) else cfg
+    changes = {k: v for k, v in (("param_dtype", param_dtype), ("compute_dtype", compute_dtype)) if v is not None}
+    changes = {k: str(jnp.dtype(to_dtype(v))) for k, v in changes.items()}
+    cfg = dataclasses.replace(cfg, **changes) if changes else cfg
+    hw = get_hardware(hardware)
+    ms = _mesh_shape(mesh)
+    n_dev = math.prod(ms.shape.values())
+    rules_resolved, warnings, valid = _resolve(cfg, ms, rules)
+    infos = _expand(cfg, _block_and_rest(cfg, tuple(ms.shape.items()), tuple(rules_resolved.items())))
+
+    split = lambda name: math.prod(ms.shape.get(a, 1) for a in _axes(rules_resolved[name]))
+    tp_axes = _axes(rules_resolved["mlp"]) or _axes(rules_resolved["heads"]) or _axes(rules_resolved["vocab"])
+    dp_axes = _axes(rules_resolved["batch"])
+    n, nd = split("mlp") if rules_resolved["mlp"] else max(split("heads"), split("vocab")), split("batch")
+    c = jnp.dtype(to_dtype(cfg.compute_dtype)).itemsize
+    param_b = jnp.dtype(to_dtype(cfg.param_dtype)).itemsize
+    # XLA:CPU has no bf16 matmul: it computes them in f32 and the partial sums it all-reduces are f32.
+    act_b = c if hw.native_bf16 else 4
+    Vp = next(i.shape[0] for i in infos if i.path == "embed/table")
+    if batch_size % nd:
+        warnings.append(f"batch_size={batch_size} is not divisible by the data axis ({nd}); planned with "
+                        f"{-(-batch_size // nd)} rows per device")
+        valid = False
+    if seq_len > cfg.max_seq_len:
+        warnings.append(f"seq_len={seq_len} exceeds the config's max_seq_len={cfg.max_seq_len}")
+    d = {
+        "n": n if tp_axes else 1, "d": nd, "tp_axis": "+".join(tp_axes) or "model", "dp_axis": "+".join(dp_axes) or "data",
+        "B_l": -(-batch_size // nd), "S": seq_len,
+        "N_l": cfg.N // split("heads"), "K_l": cfg.K // split("kv_heads"), "F_l": cfg.F // split("mlp"),
+        "V_l": Vp // split("vocab"), "param_b": param_b,
+        "vocab_sharded": split("vocab") > 1, "heads_sharded": split("heads") > 1, "mlp_sharded": split("mlp") > 1,
+        "kv_sharded": split("kv_heads") > 1, "param_bytes": sum(i.local_bytes for i in infos),
+        "n_tp_leaves": sum(1 for i in infos if set(tp_axes) & i.sharded_over),
+    }
+    used = set(tp_axes) | set(dp_axes)
+    for axis, size in ms.shape.items():
+        if size > 1 and axis not in used:
+            warnings.append(f"mesh axis {axis!r} (size {size}) is unused by the rules table: its devices "
+                            "duplicate the work of the others")
+    if d["heads_sharded"] and not d["kv_sharded"] and cfg.K > 1:
+        warnings.append(f"kv heads replicated: n_kv_heads={cfg.K} < model axis {d['n']}; k/v weights and "
+                        "projections are replicated and the backward adds a dK/dV all-reduce and 2 all-gathers")
+    if Vp != cfg.V:
+        warnings.append(f"vocab padded {cfg.V} -> {Vp} to split over the model axis")
+
+    # ---- memory
+    opt_bytes = 0 if decode else optimizer_bytes(infos, optimizer)
+    head_grad = next(i.local_bytes for i in infos if i.path == "head/kernel")
+    memory = _memory(cfg, d, c, remat, decode, opt_bytes, head_grad)
+
+    # ---- FLOPs. Model FLOPs follow jaxtp.train.train_flops_per_step (PaLM): 6*P*T over matmul params
+    # plus attention 12*L*B*S^2*N*H counted NON-causally - the model computes the full S x S scores and
+    # masks them, so that is also the work done. Hardware FLOPs add padded vocab columns, replicated kv
+    # projections (every rank computes all K heads) and remat's recomputed forward.
+    from .train import train_flops_per_step
+
+    T = batch_size * seq_len
+    matmul_params = cfg.param_count() - cfg.V * cfg.D - (2 * cfg.L + 1) * cfg.D
+    kv_params = 2 * cfg.D * cfg.K * cfg.H * cfg.L
+    if decode:
+        model_flops = 2.0 * matmul_params * batch_size + 4.0 * cfg.L * batch_size * seq_len * cfg.N * cfg.H
+        fwd_factor, attn_factor = 2.0, 4.0
+    else:
+        model_flops = float(train_flops_per_step(cfg, batch_size, seq_len))
+        fwd_factor, attn_factor = 6.0, 12.0
+    tok = batch_size if decode else T
+    kv_extra = (fwd_factor * kv_params * tok * (d["n"] / split("kv_heads") - 1)) if d["heads_sharded"] else 0.0
+    hw_flops = model_flops + fwd_factor * (Vp - cfg.V) * cfg.D * tok + kv_extra
+    if remat in ("full", True) and not decode:
+        hw_flops += model_flops / 3  # one more forward pass
+    per_dev = hw_flops / n_dev * (1 if not set(ms.shape) - used else
+                                  math.prod(s for a, s in ms.shape.items() if a not in used))
+    flops = {"model": model_flops, "hardware": hw_flops, "per_device": per_dev,
+             "matmul": fwd_factor * matmul_params * tok,
+             "attention": (attn_factor * cfg.L * batch_size * seq_len * (1 if decode else seq_len) * cfg.N * cfg.H),
+             "convention": "2*P*B + 4*L*B*S*N*H per decode step (S cached positions)" if decode else
+                           "6*P*T + 12*L*B*S^2*N*H, attention counted non-causally (PaLM; equals "
+                           "jaxtp.train.train_flops_per_step)"}
+
+    # ---- collectives
+    items = (_decode_collectives if decode else _train_collectives)(cfg, d, act_b)
+    stride = {}
+    acc = 1
+    for axis in reversed(list(ms.shape)):  # row-major device grid: the last axis is contiguous
+        stride[axis] = acc
+        acc *= ms.shape[axis]
+    intra = {axis: ms.shape[axis] * stride[axis] <= hw.node_size for axis in ms.shape}
+    for it in items:
+        axes = it["axis"].split("+")
+        it["time_s"] = _coll_time(it, hw, all(intra.get(a, True) for a in axes))
+    by_axis: dict = {}
+    for it in items:
+        row = by_axis.setdefault(it["axis"], {"count": 0, "bytes": 0, "time_s": 0.0,
+                                              "link": "intra" if all(intra.get(a, True) for a in it["axis"].split("+")) else "dcn"})
+        row["count"] += it["count"]
+        row["bytes"] += it["bytes"]
+        row["time_s"] += it["time_s"]
+    per_layer = {}
+    for it in items:
+        if it["per_layer"]:
+            row = per_layer.setdefault(f"{it['kind']}@{it['axis']}", {"count": 0, "bytes": 0})
+            row["count"] += it["count"] // cfg.L
+            row["bytes"] += it["bytes"] // cfg.L
+    collectives = {"per_step": _summary(items), "per_layer": dict(sorted(per_layer.items())), "by_axis": by_axis,
+                   "items": items, "bytes_convention": "size of the unsharded buffer each collective produces "
+                                                        "(as jaxtp.hlo counts them)"}
+
+    # ---- time
+    t_compute = per_dev / hw.flops_per_s
+    opt_traffic = 0 if decode else 2 * (memory["params"] + memory["optimizer"]) + memory["grads"]
+    if decode:
+        hbm = memory["params"] + memory["kv_cache"] + memory["activations"]
+    else:  # weights read in fwd and bwd, gradients written, optimizer read+write, activations written+read
+        hbm = 3 * memory["params"] + opt_traffic + 2 * (memory["activations"] + memory["logits"])
+    t_memory = hbm / hw.hbm_bytes_per_s
+    t_comm_crit = sum(it["time_s"] for it in items if it["critical"])
+    t_comm_bg = sum(it["time_s"] for it in items if not it["critical"])
+    t_comm = t_comm_crit + t_comm_bg
+    work = max(t_compute, t_memory)
+    # Megatron's TP all-reduces sit on the critical path (THEORY B3: assume little overlap); the data-axis
+    # gradient all-reduce can hide behind the backward pass (2/3 of the compute).
+    predicted = work + t_comm_crit + max(0.0, t_comm_bg - (0 if decode else 2 / 3 * t_compute))
+    times = {"compute_s": t_compute, "memory_s": t_memory, "communication_s": t_comm,
+             "communication_critical_s": t_comm_crit, "hbm_bytes": hbm,
+             "serial_s": work + t_comm, "overlapped_s": max(work, t_comm), "predicted_s": predicted,
+             "bound": "compute" if t_compute >= max(t_memory, t_comm) else
+             "memory" if t_memory >= t_comm else "communication"}
+    mfu = model_flops / (predicted * n_dev * hw.flops_per_s) if predicted > 0 else 0.0
+    times["mfu_serial"] = model_flops / (times["serial_s"] * n_dev * hw.flops_per_s) if times["serial_s"] else 0.0
+    times["mfu_overlapped"] = model_flops / (times["overlapped_s"] * n_dev * hw.flops_per_s) if times["overlapped_s"] else 0.0
+    if decode:
+        times["mbu"] = hbm / (predicted * hw.hbm_bytes_per_s) if predicted else 0.0
+
+    # ---- R = T_math / T_comm for one layer's TP-sharded matmuls vs its model-axis collectives
+    # Training: THEORY B3's T_math / T_comm, with this step's own per-layer collectives (7 activation
+    # buffers per layer as XLA emits them, where Megatron's formula assumes 4). Decode: the layer's work is
+    # loading its weights and KV cache from HBM (THEORY B6), so R compares that time with the all-reduces.
+    R = None
+    times["comm_bound_ratio_megatron"] = None
+    if d["n"] > 1:
+        p_layer = cfg.D * cfg.N * cfg.H * 2 + 2 * cfg.D * cfg.K * cfg.H + 3 * cfg.D * cfg.F
+        t_math = (fwd_factor * p_layer * tok / nd / d["n"]) / hw.flops_per_s
+        if decode:
+            layer_bytes = (memory["params"] - 2 * Vp * cfg.D * param_b / split("vocab")) / cfg.L \
+                + memory["kv_cache"] / cfg.L
+            t_math = max(t_math, layer_bytes / hw.hbm_bytes_per_s)
+        t_layer = sum(it["time_s"] for it in items if it["per_layer"] and it["axis"] == d["tp_axis"]) / cfg.L
+        R = t_math / t_layer if t_layer > 0 else None
+        w = hw.link_bytes_per_s if intra.get(d["tp_axis"].split("+")[0], True) else hw.dcn_bytes_per_s
+        if not decode:
+            times["comm_bound_ratio_megatron"] = p_layer * w / (2 * act_b * hw.flops_per_s * cfg.D * (d["n"] - 1))
+        if R is not None and R < 1:
+            warnings.append(f"TP is communication-bound: R = T_math/T_comm = {R:.2f} < 1 per layer on the "
+                            f"{d['n']}-way {d['tp_axis']!r} axis ({'NVLink/ICI' if w == hw.link_bytes_per_s else 'DCN'}"
+                            f"); use a smaller model axis or more data parallelism")
+        lat = [it for it in items if it["per_layer"] and it["group"] > 1 and it["count"]
+               and it["bytes"] / it["count"] / it["group"] / w < (hw.latency_s if w == hw.link_bytes_per_s else hw.dcn_latency_s)]
+        if lat:
+            warnings.append("latency-bound collectives: " + ", ".join(it["what"] for it in lat))
+    if memory["total"] > hw.hbm_bytes:
+        warnings.append(f"does not fit: {memory['total'] / GiB:.1f} GiB per device > {hw.hbm_bytes / GiB:.1f} GiB HBM "
+                        f"({hw.name})")
+    elif memory["total"] > 0.9 * hw.hbm_bytes:
+        warnings.append(f"tight: {memory['total'] / GiB:.1f} GiB of {hw.hbm_bytes / GiB:.1f} GiB HBM; allocator "
+                        "fragmentation and framework buffers may not fit")
+
+    setting = {"batch_size": batch_size, "seq_len": seq_len, "tokens_per_step": tok, "decode": decode,
+               "param_dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype,
+               "optimizer": optimizer if isinstance(optimizer, str) else "custom", "remat": remat,
+               "rules": {k: "+".join(_axes(v)) or None for k, v in rules_resolved.items()},
+               "local": {k: d[k] for k in ("B_l", "N_l", "K_l", "F_l", "V_l")}}
+    model = {"param_count": cfg.param_count(), "padded_vocab": Vp, **cfg.to_dict()}
+    return Plan(model, dict(ms.shape), setting, hw, infos, memory, flops, collectives, times, mfu, R,
+                warnings, valid)
+
+
+# ------------------------------------------------------------------------------------------- formatting
+
+def _b(x: float) -> str:
+    for unit, f in (("GiB", GiB), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(x) >= f:
+            return f"{x / f:,.2f} {unit}"
+    return f"{int(x)} B"
+
+
+def _t(s: float) -> str:
+    return f"{s * 1e3:,.2f} ms" if s >= 1e-3 else f"{s * 1e6:,.1f} us"
+
+
+def _table(head, rows) -> list[str]:
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows)]
+
+
+def format_plan(p: Plan) -> str:
+    """A readable, fixed-width report of a plan (what `run.py --plan` prints)."""
+    s, m, hw = p.setting, p.memory, p.hardware
+    mesh = " x ".join(f"{k}={v}" for k, v in p.mesh.items())
+    lines = [f"plan: {p.model['param_count'] / 1e9:.3g}B params (D={p.model['d_model']}, L={p.model['n_layers']}, "
+             f"N={p.model['n_heads']}, K={p.model['n_kv_heads']}, F={p.model['d_ff']}, V={p.model['padded_vocab']}) "
+             f"on mesh {mesh} of {hw.name}",
+             f"      {'decode' if s['decode'] else 'train'} step: batch {s['batch_size']} x seq {s['seq_len']}, params "
+             f"{s['param_dtype']}, compute {s['compute_dtype']}, optimizer {s['optimizer']}, remat {s['remat']}",
+             f"      per device: batch {s['local']['B_l']}, heads {s['local']['N_l']}, kv heads {s['local']['K_l']}, "
+             f"d_ff {s['local']['F_l']}, vocab {s['local']['V_l']}", ""]
+    keys = ["params", "grads", "optimizer", "activations", "logits", "kv_cache", "inputs", "total"]
+    rows = [(k, _b(m[k])) for k in keys if k in m]
+    lines += ["memory per device"] + _table(("", "bytes"), rows)
+    lines.append(f"  peak during the {m['peak_phase']}; HBM {_b(hw.hbm_bytes)} -> "
+                 f"{'fits' if p.fits else 'DOES NOT FIT'} ({m['total'] / hw.hbm_bytes:.0%})")
+    f = p.flops
+    lines += ["", f"FLOPs per step: model {f['model']:.3e} (matmul {f['matmul']:.3e}, attention {f['attention']:.3e}), "
+                  f"hardware {f['hardware']:.3e}, per device {f['per_device']:.3e}",
+              f"  convention: {f['convention']}", ""]
+    c = p.collectives
+    rows = []
+    for key, v in c["per_step"].items():
+        pl = c["per_layer"].get(key, {"count": 0, "bytes": 0})
+        ax = key.split("@")[1]
+        rows.append((key, pl["count"], _b(pl["bytes"]), v["count"], _b(v["bytes"]),
+                     c["by_axis"].get(ax, {}).get("link", "")))
+    lines += ["collectives (bytes = unsharded buffer produced)"] + (
+        _table(("kind@axis", "per layer", "bytes", "per step", "bytes", "link"), rows) if rows else ["  none"])
+    t = p.time
+    lines += ["", "time per step"] + _table(("", "seconds"), [
+        ("compute", _t(t["compute_s"])), ("memory (HBM)", _t(t["memory_s"])),
+        ("communication", _t(t["communication_s"])), ("  on the critical path", _t(t["communication_critical_s"])),
+        ("serial", _t(t["serial_s"])), ("overlapped", _t(t["overlapped_s"])), ("predicted", _t(t["predicted_s"]))])
+    lines.append(f"  MFU predicted {p.mfu:.1%} (serial {t['mfu_serial']:.1%}, overlapped {t['mfu_overlapped']:.1%}); "
+                 f"bound by {t['bound']}" + (f"; MBU {t['mbu']:.1%}" if "mbu" in t else ""))
+    if p.comm_bound_ratio is not None:
+        mega = t["comm_bound_ratio_megatron"]
+        lines.append(f"  TP ratio R = T_{'work' if p.setting['decode'] else 'math'}/T_comm = {p.comm_bound_ratio:.2f} "
+                     f"({'COMMUNICATION-BOUND' if p.comm_bound else 'compute-bound'})"
+                     + (f"; Megatron forward formula (THEORY B3) {mega:.2f}" if mega is not None else ""))
+    if p.warnings:
+        lines += ["", "warnings"] + [f"  - {w}" for w in p.warnings]
+    return "\n".join(lines)
+
+
+# `jaxtp.plan` is the function (re-exported by the package, like jaxtp.generate); hang the module's
+# helpers on it so `jaxtp.plan.format_plan(p)` works too. `from jaxtp.plan import ...` reads the module.
+for _f in (format_plan, get_hardware, measure_cpu, param_infos, optimizer_bytes):
+    setattr(plan, _f.__name__, _f)
+plan.Plan, plan.Hardware, plan.HARDWARE, plan.MeshShape = Plan, Hardware, HARDWARE, MeshShape
