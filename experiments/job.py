@@ -35,11 +35,11 @@ def fmt_bytes(n: float) -> str:
 
 class TrainingJob:
     def __init__(self, out: pathlib.Path, cfg, tc, mesh, corpus, sample_len: int = 200, checkpoint_every: int = 0,
-                 keep: int = 3, resume: bool = False):
+                 keep: int = 3, resume: bool = False, rules: str = "megatron", lean: bool = False):
         self.out, self.cfg, self.tc, self.mesh, self.corpus, self.sample_len = out, cfg, tc, mesh, corpus, sample_len
-        self.checkpoint_every, self.resume = checkpoint_every, resume
+        self.checkpoint_every, self.resume, self.rules, self.lean = checkpoint_every, resume, rules, lean
         self.ckpts = checkpoint.TrainCheckpoints(out / "checkpoints", keep) if checkpoint_every or resume else None
-        self.report: dict = {"mesh": dict(mesh.shape), "model": cfg.to_dict(), "train": tc.__dict__,
+        self.report: dict = {"mesh": dict(mesh.shape), "rules": rules, "model": cfg.to_dict(), "train": tc.__dict__,
                              "data": corpus.describe()}
 
     def run(self):
@@ -55,9 +55,9 @@ class TrainingJob:
     def show_layout(self):
         section("devices and mesh")
         print(describe_mesh(self.mesh))
-        section("rules (logical axis -> mesh axis)")
+        section(f"rules {self.rules!r} (logical axis -> mesh axis)")
         t = time.perf_counter()
-        self.model = jaxtp.Transformer.create(self.cfg, self.mesh, seed=self.tc.seed)
+        self.model = jaxtp.Transformer.create(self.cfg, self.mesh, seed=self.tc.seed, rules=self.rules)
         self.report["init_s"] = time.perf_counter() - t
         for name, target in self.model.layout.table():
             print(f"  {name:9s} -> {target}")
@@ -79,9 +79,8 @@ class TrainingJob:
     def bytes_by_precision(self, table) -> dict:
         """Per-device bytes of the actual arrays after casting (int8 includes its scales)."""
         out = {"f32": table.bytes_per_device}
-        if hasattr(jaxtp, "cast"):
-            for p in ("bf16", "int8"):
-                out[p] = jaxtp.param_table(jaxtp.cast(self.model, p)).bytes_per_device
+        for p in () if self.lean else ("bf16", "int8"):
+            out[p] = jaxtp.param_table(jaxtp.cast(self.model, p)).bytes_per_device
         return out
 
     def identity(self) -> dict:
@@ -123,16 +122,18 @@ class TrainingJob:
               f"temporaries {fmt_bytes(mem['temp'])} -> {fmt_bytes(mem['total'])} per device")
         section("collectives in the compiled train step")
         total = measure.collectives_of(compiled, self.mesh)
+        self.report["collectives_per_step"] = total
+        print("  whole step:")
+        for k, v in total.items():
+            print(f"    {k:26s} x{v['count']}  {fmt_bytes(v['bytes'])}")
+        if self.lean:
+            return
         compiled_one_layer = train.compile_train_step(
             self.cfg.replace(n_layers=1), self.model.layout, tc, data.batch_sharding(self.mesh))
         per = measure.per_layer(total, measure.collectives_of(compiled_one_layer, self.mesh), self.cfg.n_layers)
         self.report["collectives_per_layer"] = per
-        self.report["collectives_per_step"] = total
         print("  per layer (count with L layers minus count with 1 layer, / (L-1)):")
         for k, v in per.items():
-            print(f"    {k:26s} x{v['count']}  {fmt_bytes(v['bytes'])}")
-        print("  whole step:")
-        for k, v in total.items():
             print(f"    {k:26s} x{v['count']}  {fmt_bytes(v['bytes'])}")
 
     def train(self):
@@ -166,10 +167,7 @@ class TrainingJob:
         section("held-out evaluation")
         batches = data.eval_batches(self.corpus.heldout, self.mesh, self.tc.batch_size, self.tc.seq_len)
         model = self.trainer.model
-        if hasattr(jaxtp, "precision_report"):
-            ev = jaxtp.precision_report(model, batches, PRECISIONS)
-        else:
-            ev = {"f32": train.evaluate(model, batches)}
+        ev = {} if self.lean else jaxtp.precision_report(model, batches, PRECISIONS)
         f32 = train.evaluate(model, batches)
         ev["f32"] = {**ev.get("f32", {}), **f32}
         self.report["eval"] = ev
@@ -182,6 +180,8 @@ class TrainingJob:
                 print(f"  {p:9s} {fmt_bytes(r.get('bytes_per_device', 0)):>14s} {r['loss']:10.4f} "
                       f"{r.get('delta_vs_f32', 0.0):+13.5f} {r.get('top1_agreement', 1.0):11.4f} "
                       f"{r.get('kl_vs_f32', 0.0):9.2e}")
+        if self.lean:
+            return
         section("sample")
         prompt = data.encode(SAMPLE_PROMPT)[None, :]
         n = min(self.sample_len, self.cfg.max_seq_len - prompt.shape[1])

@@ -23,7 +23,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 import jaxtp  # noqa: E402  (jax is imported, but its backends start only when first used)
 from jaxtp.mesh import parse_mesh_spec  # noqa: E402
 from job import TrainingJob  # noqa: E402
-from jaxtp.distributed import ENV, initialize, launch_local  # noqa: E402
+from jaxtp.distributed import ENV, initialize, launch_local, supervise  # noqa: E402
 
 
 def _env_int(name):
@@ -39,6 +39,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=16, help="global batch size in sequences (default 16)")
     p.add_argument("--seq-len", type=int, default=None, help="tokens (bytes) per sequence (default: the preset's max)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate of AdamW (default: tuned per preset)")
+    p.add_argument("--rules", default="megatron",
+                   help=f"sharding rules preset, one of {sorted(jaxtp.RULE_PRESETS)} (default megatron)")
     p.add_argument("--data", default="pystdlib",
                    help="corpus: pystdlib (this Python's stdlib sources), synthetic (Markov chain with a known "
                         "entropy floor), or a path to a UTF-8 text file (default pystdlib)")
@@ -53,6 +55,11 @@ def parse_args(argv=None):
     p.add_argument("--resume", action="store_true",
                    help="continue the run in --out DIR from its latest complete checkpoint (same arguments; "
                         "the mesh may differ)")
+    p.add_argument("--plan", action="store_true",
+                   help="print the analytic plan (memory, FLOPs, collectives, time, MFU) for --model on --mesh "
+                        "and exit; allocates nothing, so meshes larger than this machine are fine")
+    p.add_argument("--hardware", default="h100",
+                   help="hardware preset for --plan: cpu (measured), a100, h100, h200, tpu-v5e, tpu-v5p (default h100)")
     p.add_argument("--processes", type=int, default=0, metavar="N",
                    help="launch N local processes on loopback that share one mesh (each fakes its devices)")
     p.add_argument("--coordinator", default=os.environ.get(ENV["coordinator"]), metavar="HOST:PORT",
@@ -61,6 +68,9 @@ def parse_args(argv=None):
                    help=f"processes in the run (env {ENV['num_processes']})")
     p.add_argument("--process-id", type=int, default=_env_int(ENV["process_id"]),
                    help=f"this process's index, 0..N-1; process 0 writes reports (env {ENV['process_id']})")
+    p.add_argument("--lean", action="store_true",
+                   help="skip the report's extra compiles (1-layer collective comparison, precision table, sample): "
+                        "for scripted runs that only need training, checkpoints and losses")
     p.add_argument("--sample-len", type=int, default=200, help="bytes to generate for the sample (default 200)")
     return p.parse_args(argv)
 
@@ -123,6 +133,14 @@ def main(argv=None) -> int:
         rest = [a for a in (argv if argv is not None else sys.argv[1:])]
         i = rest.index("--processes")
         return launch_local([str(pathlib.Path(__file__).resolve()), *rest[:i], *rest[i + 2:]], args.processes)
+    if args.coordinator and not os.environ.get("JAXTP_WORKER"):
+        if args.num_processes is None or args.process_id is None:
+            print("error: --coordinator needs --num-processes and --process-id (or their environment variables)",
+                  file=sys.stderr)
+            return 2
+        argv = list(argv if argv is not None else sys.argv[1:])
+        return supervise([str(pathlib.Path(__file__).resolve()), *argv], args.coordinator, args.num_processes,
+                         args.process_id)
     try:
         return run(args)
     except (UsageError, ValueError, OSError, RuntimeError) as e:
@@ -140,7 +158,16 @@ def run(args) -> int:
         fail(f"--steps must be a positive integer, got {steps}")
     if not lr > 0:
         fail(f"--lr must be > 0, got {lr}")
-    cfg = jaxtp.ModelConfig.preset(args.model).replace(compute_dtype=args.compute_dtype)
+    cfg = jaxtp.ModelConfig.preset(args.model)
+    if args.plan:
+        from jaxtp.plan import HARDWARE, format_plan
+
+        if args.hardware not in HARDWARE and args.hardware != "cpu":
+            fail(f"unknown --hardware {args.hardware!r}; choose one of {sorted(HARDWARE) + ['cpu']}")
+        print(format_plan(jaxtp.plan(cfg, args.mesh, batch_size=args.batch_size, seq_len=args.seq_len or cfg.max_seq_len,
+                                     hardware=args.hardware, rules=args.rules)))
+        return 0
+    cfg = cfg.replace(compute_dtype=args.compute_dtype)
     seq_len = args.seq_len or cfg.max_seq_len
     if seq_len < 1 or seq_len > cfg.max_seq_len:
         fail(f"--seq-len {seq_len} is outside 1..{cfg.max_seq_len} (the {args.model} preset's max_seq_len)")
@@ -151,6 +178,8 @@ def run(args) -> int:
     if args.batch_size < 1:
         fail(f"--batch-size must be a positive integer, got {args.batch_size}")
     out = pathlib.Path(args.out or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}")
+    if args.rules not in jaxtp.RULE_PRESETS:
+        fail(f"unknown --rules {args.rules!r}; choose one of {sorted(jaxtp.RULE_PRESETS)}")
     mesh = setup_devices(args)
     import jax
 
@@ -163,7 +192,7 @@ def run(args) -> int:
 
     tc = jaxtp.TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=seq_len, lr=lr, seed=args.seed)
     TrainingJob(out, cfg, tc, mesh, corpus, sample_len=args.sample_len, checkpoint_every=args.checkpoint_every,
-                keep=args.keep, resume=args.resume).run()
+                keep=args.keep, resume=args.resume, rules=args.rules, lean=args.lean).run()
     return 0
 
 

@@ -8,10 +8,13 @@ Timeouts are lowered so a missing peer fails in seconds, not after JAX's 5-minut
 from __future__ import annotations
 
 import os
+import pathlib
+import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -19,7 +22,7 @@ import jax
 
 from .mesh import use_cpu_devices
 
-INIT_TIMEOUT_S = 60
+INIT_TIMEOUT_S = int(os.environ.get("JAXTP_INIT_TIMEOUT", "60"))  # seconds to wait for every peer
 HEARTBEAT_TIMEOUT_S = 15
 ENV = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
 
@@ -95,3 +98,51 @@ def _pump(proc, prefix: str):
     for line in proc.stdout:
         sys.stdout.write(prefix + line)
         sys.stdout.flush()
+
+
+def _die_with_parent():
+    """Linux: the worker gets SIGKILL when its supervisor dies, so killing one process kills its work."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+_NATIVE_LOG = re.compile(r"^([FEWI]\d{4} |\s+@\s|\*\*\* |RPC: |\[type\.googleapis|absl::|$)")
+
+
+def supervise(argv: list[str], coordinator: str, num_processes: int, process_id: int) -> int:
+    """Run this process's work in a child and turn a native abort of JAX's distributed runtime into one line.
+
+    The runtime terminates the process (LOG(FATAL), SIGABRT) when peers never arrive or one dies, which
+    Python cannot catch. The child's native log goes to a file named in the message; Python-level output
+    passes through unchanged.
+    """
+    log_path = pathlib.Path(tempfile.gettempdir()) / f"jaxtp-process{process_id}-{os.getpid()}.log"
+    env = {**os.environ, "JAXTP_WORKER": "1", "PYTHONUNBUFFERED": "1"}
+    child = subprocess.Popen([sys.executable, *argv], env=env, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=_die_with_parent)
+    fatal = ""
+    with open(log_path, "w") as log:
+        for line in child.stderr:
+            log.write(line)
+            if line.startswith("F") and "] " in line and not fatal:
+                fatal = line.split("] ", 1)[1].strip()
+            if not _NATIVE_LOG.match(line):
+                sys.stderr.write(line)
+                sys.stderr.flush()
+    code = child.wait()
+    if code >= 0 and code != 134:
+        return code
+    text = log_path.read_text()
+    if "RegisterTask" in text:
+        reason = (f"could not join the run at {coordinator} within {INIT_TIMEOUT_S} s (are all {num_processes} "
+                  "processes started with the same --coordinator?)")
+    else:
+        status = re.search(r"absl::Status: ([^\n]*)", fatal or text)
+        reason = "lost its peers: another process died or became unreachable" + (
+            f" ({status.group(1)[:120]})" if status else "")
+    print(f"error: process {process_id}/{num_processes} {reason}; native log: {log_path}", file=sys.stderr)
+    return 1

@@ -46,7 +46,7 @@ from flax import nnx
 from .sharding import constrain
 
 CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
-RESIDUAL = ("batch", "seq", "embed")
+RESIDUAL = ("batch", "seq", "act_embed")  # the residual stream, its positions whole (decode: 1)
 TOKENS = ("batch", "seq")
 ROWS = ("batch",)
 LOGITS_BV = ("batch", "vocab")

@@ -18,8 +18,9 @@ import dataclasses
 import functools
 import math
 import os
+import re
 import time as _time
-from typing import Any, Mapping
+from typing import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,7 @@ from flax import nnx
 from .config import ModelConfig, to_dtype
 from .mesh import parse_mesh_spec
 from .model import abstract_model
-from .sharding import Layout, resolve_rules, spec_for
+from .sharding import RULE_PRESETS, Layout, resolve_rules, spec_for
 
 GiB = 2 ** 30
 
@@ -153,9 +154,6 @@ def _axes(target) -> tuple[str, ...]:
 def _resolve(cfg: ModelConfig, mesh: MeshShape, rules) -> tuple[dict, list[str], bool]:
     """resolve_rules, but a divisibility error becomes a warning and that logical axis is replicated, so
     an impossible layout is still planned (marked invalid) instead of raising."""
-    import re
-
-    from .sharding import RULE_PRESETS
 
     if rules is None or isinstance(rules, str):
         if (rules or "megatron") not in RULE_PRESETS:
@@ -263,7 +261,7 @@ def _coll(kind, axis, group, count, nbytes, what, per_layer=False, critical=True
             "per_layer": per_layer, "critical": critical}
 
 
-def _train_collectives(cfg, d: dict, act_b: int) -> list[dict]:
+def _train_collectives(cfg, d: dict) -> list[dict]:
     """The train step's collectives, itemised as XLA emits them (jax 0.10.2, measured on XLA:CPU).
 
     Model axis (Megatron TP): forward, one all-reduce per row-parallel output - embedding lookup
@@ -281,7 +279,7 @@ def _train_collectives(cfg, d: dict, act_b: int) -> list[dict]:
     all-gathered back to [B,S,K,H] (two ops), as tests/test_collectives.py measures.
     Data axis: one all-reduce of every local gradient (plus the f32 loss), combined into one op; it can
     overlap the backward pass, the model-axis ones sit on the critical path."""
-    L, D, H = cfg.L, cfg.D, cfg.H
+    L, D, H, act_b = cfg.L, cfg.D, cfg.H, d["act_b"]
     tp, n, dp, nd = d["tp_axis"], d["n"], d["dp_axis"], d["d"]
     BS = d["B_l"] * d["S"]
     out = []
@@ -316,9 +314,9 @@ def _train_collectives(cfg, d: dict, act_b: int) -> list[dict]:
     return out
 
 
-def _decode_collectives(cfg, d: dict, act_b: int) -> list[dict]:
+def _decode_collectives(cfg, d: dict) -> list[dict]:
     """One decode step (analytic, not compiler-checked): the forward all-reduces on [B, 1, D]."""
-    L, D, n = cfg.L, cfg.D, d["n"]
+    L, D, n, act_b = cfg.L, cfg.D, d["n"], d["act_b"]
     B = d["B_l"]
     out = []
     if n > 1:
@@ -331,11 +329,10 @@ def _decode_collectives(cfg, d: dict, act_b: int) -> list[dict]:
     return out
 
 
-def _summary(items: list[dict], per_layer_only=False) -> dict:
+def _summary(items: list[dict]) -> dict:
+    """{"all-reduce@model": {"count": .., "bytes": ..}} - the keys of jaxtp.Collectives.summary()."""
     out: dict = {}
     for it in items:
-        if per_layer_only and not it["per_layer"]:
-            continue
         key = f"{it['kind']}@{it['axis']}"
         row = out.setdefault(key, {"count": 0, "bytes": 0})
         row["count"] += it["count"]
@@ -351,7 +348,9 @@ def _coll_time(it: dict, hw: Hardware, intra: bool) -> float:
     w = hw.link_bytes_per_s if intra else hw.dcn_bytes_per_s
     lat = hw.latency_s if intra else hw.dcn_latency_s
     factor = 2 if it["kind"] == "all-reduce" else 1
-    return factor * it["bytes"] * (g - 1) / g / w + factor * (g - 1) * lat * max(it["count"], 1)
+    # Latency: (g-1) ring hops per all-gather, 2(g-1) per all-reduce, for each op (a buffer merged into
+    # another op, count 0, adds bandwidth only).
+    return factor * it["bytes"] * (g - 1) / g / w + factor * (g - 1) * lat * it["count"]
 
 
 # ----------------------------------------------------------------------------------------------- memory
@@ -370,8 +369,13 @@ def _activation_bytes_per_token_layer(cfg, d, c: int) -> int:
             + 5 * d["F_l"] * c)
 
 
-def _memory(cfg, d, c: int, remat, decode: bool, opt_bytes: int, head_grad: int) -> dict:
-    T_l = d["B_l"] * d["S"]
+def _memory(cfg, d, remat, decode: bool, opt_bytes: int, head_grad: int) -> dict:
+    """Per-device bytes. Training total = params + optimizer state + token batch (the step's arguments;
+    the new params and state are written in place, donated) + the temporary heap at its peak, which is
+    the larger of the backward pass (saved activations + logits + the working set of the layer being
+    differentiated) and the optimizer update (all gradients + one parameter-sized temporary). That is
+    what XLA's memory_analysis() reports as arguments + outputs - aliased + temp."""
+    T_l, c = d["B_l"] * d["S"], d["c"]
     P = d["param_bytes"]
     if decode:
         K_l = d["K_l"]
@@ -382,12 +386,10 @@ def _memory(cfg, d, c: int, remat, decode: bool, opt_bytes: int, head_grad: int)
                 "kv_cache": kv, "inputs": d["B_l"] * 4, "total": P + kv + act + logits + d["B_l"] * 4,
                 "peak_phase": "decode"}
     per_layer = _activation_bytes_per_token_layer(cfg, d, c)
-    if remat in (None, "none", False):
-        layers = cfg.L * per_layer
-    elif remat in ("full", True):  # keep block inputs; recompute one block at a time in the backward
+    if remat in ("full", True):  # keep block inputs; recompute one block at a time in the backward
         layers = cfg.L * cfg.D * c + per_layer
     else:
-        raise ValueError(f"remat must be None/'none' or 'full', got {remat!r}")
+        layers = cfg.L * per_layer
     # Outside the blocks: embedding output (gathered rows and the masked partial), final RMSNorm (f32 and
     # scaled), the f32 logits kept for the loss's backward.
     act = T_l * (layers + 2 * cfg.D * d["param_b"] + cfg.D * (4 + c))
@@ -412,6 +414,11 @@ def _memory(cfg, d, c: int, remat, decode: bool, opt_bytes: int, head_grad: int)
 
 @dataclasses.dataclass
 class Plan:
+    """The answer of `plan()`. Bytes are per device; `collectives` holds per_step / per_layer summaries
+    keyed like jaxtp.Collectives.summary() ("all-reduce@model"), by_axis totals with ring times and the
+    itemised list; `time` holds compute/memory/communication and serial/overlapped/predicted seconds;
+    `valid` is False when the mesh cannot run the config as asked (see `warnings`)."""
+
     model: dict
     mesh: dict
     setting: dict
@@ -441,6 +448,9 @@ class Plan:
     def to_dict(self) -> dict:
         hw = dataclasses.asdict(self.hardware)
         return {"model": self.model, "mesh": self.mesh, "setting": self.setting, "hardware": hw,
+                "parameters": {"count": sum(math.prod(i.shape) for i in self.params),
+                               "bytes_per_device": sum(i.local_bytes for i in self.params),
+                               "replicated_bytes": sum(i.local_bytes for i in self.params if not i.sharded_over)},
                 "memory": dict(self.memory), "fits": self.fits, "flops_per_step": self.flops["model"],
                 "flops": dict(self.flops), "collectives": self.collectives, "time": dict(self.time),
                 "mfu": self.mfu, "comm_bound_ratio": self.comm_bound_ratio, "comm_bound": self.comm_bound,
@@ -455,184 +465,215 @@ def plan(cfg: ModelConfig | str, mesh, *, batch_size: int, seq_len: int, param_d
          decode: bool = False, rules=None) -> Plan:
     """Plan one training step (or, with decode=True, one decode step over a `seq_len` KV cache).
 
-    cfg: a ModelConfig or preset name. mesh: a jax Mesh or a spec ("8x8", "2x2x2", "data=2,model=4");
-    no devices are needed. param_dtype / compute_dtype default to the config's (the presets store f32
-    master weights). batch_size is global (split over the data axis). remat: None or "full".
+    cfg: a ModelConfig or preset name. mesh: a jax Mesh, a spec ("8x8", "2x2x2", "data=2,model=4") or a
+    {axis: size} dict; no devices are needed. param_dtype / compute_dtype default to the config's (the
+    presets keep f32 master weights). batch_size is global, split over the data axis. remat: None or
+    "full" (planned only: the model has no remat switch yet). optimizer: "adamw" (the Trainer's), "adam",
+    "sgd", "momentum", "lion" or an optax transformation.
     """
     cfg = ModelConfig.preset(cfg) if isinstance(cfg, str) else cfg
-    changes = {k: v for k, v in (("param_dtype", param_dtype), ("compute_dtype", compute_dtype)) if v is not None}
-    changes = {k: str(jnp.dtype(to_dtype(v))) for k, v in changes.items()}
+    changes = {k: str(jnp.dtype(to_dtype(v))) for k, v in
+               (("param_dtype", param_dtype), ("compute_dtype", compute_dtype)) if v is not None}
     cfg = dataclasses.replace(cfg, **changes) if changes else cfg
+    if remat not in (None, False, "none", "full", True):
+        raise ValueError(f"remat must be None/'none' or 'full', got {remat!r}")
     hw = get_hardware(hardware)
     ms = _mesh_shape(mesh)
-    n_dev = math.prod(ms.shape.values())
+    d, infos, rules_resolved, warnings, valid = _dims(cfg, ms, rules, batch_size, seq_len, hw)
+
+    opt_bytes = 0 if decode else optimizer_bytes(infos, optimizer)
+    head_grad = next(i.local_bytes for i in infos if i.path == "head/kernel")
+    memory = _memory(cfg, d, remat, decode, opt_bytes, head_grad)
+    flops = _flops(cfg, d, batch_size, seq_len, remat, decode)
+    items = (_decode_collectives if decode else _train_collectives)(cfg, d)
+    collectives = _collectives(cfg, d, items, ms, hw)
+    times, mfu = _times(d, memory, flops, items, hw, decode)
+    R = _ratio(cfg, d, memory, items, hw, decode, times, collectives, warnings)
+    if memory["total"] > hw.hbm_bytes:
+        warnings.append(f"does not fit: {memory['total'] / GiB:.1f} GiB per device > {hw.hbm_bytes / GiB:.1f} GiB "
+                        f"HBM ({hw.name})")
+    elif memory["total"] > 0.9 * hw.hbm_bytes:
+        warnings.append(f"tight: {memory['total'] / GiB:.1f} GiB of {hw.hbm_bytes / GiB:.1f} GiB HBM; allocator "
+                        "fragmentation and framework buffers may not fit")
+    setting = {"batch_size": batch_size, "seq_len": seq_len, "tokens_per_step": d["tok"], "decode": decode,
+               "param_dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype,
+               "optimizer": optimizer if isinstance(optimizer, str) else "custom", "remat": remat,
+               "rules": {k: "+".join(_axes(v)) or None for k, v in rules_resolved.items()},
+               "local": {k: d[k] for k in ("B_l", "N_l", "K_l", "F_l", "V_l")}}
+    model = {"param_count": cfg.param_count(), "padded_vocab": d["Vp"], **cfg.to_dict()}
+    return Plan(model, dict(ms.shape), setting, hw, infos, memory, flops, collectives, times, mfu, R,
+                warnings, valid)
+
+
+def _dims(cfg, ms: MeshShape, rules, batch_size, seq_len, hw):
+    """Resolved rules, per-device parameter rows and the local sizes every formula below reads."""
     rules_resolved, warnings, valid = _resolve(cfg, ms, rules)
     infos = _expand(cfg, _block_and_rest(cfg, tuple(ms.shape.items()), tuple(rules_resolved.items())))
-
     split = lambda name: math.prod(ms.shape.get(a, 1) for a in _axes(rules_resolved[name]))
     tp_axes = _axes(rules_resolved["mlp"]) or _axes(rules_resolved["heads"]) or _axes(rules_resolved["vocab"])
     dp_axes = _axes(rules_resolved["batch"])
-    n, nd = split("mlp") if rules_resolved["mlp"] else max(split("heads"), split("vocab")), split("batch")
-    c = jnp.dtype(to_dtype(cfg.compute_dtype)).itemsize
-    param_b = jnp.dtype(to_dtype(cfg.param_dtype)).itemsize
-    # XLA:CPU has no bf16 matmul: it computes them in f32 and the partial sums it all-reduces are f32.
-    act_b = c if hw.native_bf16 else 4
+    nd = split("batch")
+    n = math.prod(ms.shape.get(a, 1) for a in tp_axes)
     Vp = next(i.shape[0] for i in infos if i.path == "embed/table")
-    if batch_size % nd:
-        warnings.append(f"batch_size={batch_size} is not divisible by the data axis ({nd}); planned with "
-                        f"{-(-batch_size // nd)} rows per device")
-        valid = False
-    if seq_len > cfg.max_seq_len:
-        warnings.append(f"seq_len={seq_len} exceeds the config's max_seq_len={cfg.max_seq_len}")
+    c = jnp.dtype(to_dtype(cfg.compute_dtype)).itemsize
+    used = set(tp_axes) | set(dp_axes)
     d = {
-        "n": n if tp_axes else 1, "d": nd, "tp_axis": "+".join(tp_axes) or "model", "dp_axis": "+".join(dp_axes) or "data",
-        "B_l": -(-batch_size // nd), "S": seq_len,
+        "n": n, "d": nd, "tp_axis": "+".join(tp_axes) or "model", "dp_axis": "+".join(dp_axes) or "data",
+        "n_dev": math.prod(ms.shape.values()),
+        # devices that merely repeat others' work: mesh axes the rules table does not use
+        "dup": math.prod(s for a, s in ms.shape.items() if a not in used),
+        "B_l": -(-batch_size // nd), "S": seq_len, "tok": batch_size * seq_len, "Vp": Vp,
         "N_l": cfg.N // split("heads"), "K_l": cfg.K // split("kv_heads"), "F_l": cfg.F // split("mlp"),
-        "V_l": Vp // split("vocab"), "param_b": param_b,
+        "V_l": Vp // split("vocab"), "kv_split": split("kv_heads"), "vocab_split": split("vocab"),
+        "c": c, "param_b": jnp.dtype(to_dtype(cfg.param_dtype)).itemsize,
+        # XLA:CPU has no bf16 matmul: it computes in f32 and the partial sums it all-reduces are f32.
+        "act_b": c if hw.native_bf16 else 4,
         "vocab_sharded": split("vocab") > 1, "heads_sharded": split("heads") > 1, "mlp_sharded": split("mlp") > 1,
         "kv_sharded": split("kv_heads") > 1, "param_bytes": sum(i.local_bytes for i in infos),
         "n_tp_leaves": sum(1 for i in infos if set(tp_axes) & i.sharded_over),
     }
-    used = set(tp_axes) | set(dp_axes)
+    if batch_size % nd:
+        warnings.append(f"batch_size={batch_size} is not divisible by the data axis ({nd}); planned with "
+                        f"{d['B_l']} rows per device")
+        valid = False
+    if seq_len > cfg.max_seq_len:
+        warnings.append(f"seq_len={seq_len} exceeds the config's max_seq_len={cfg.max_seq_len}")
     for axis, size in ms.shape.items():
         if size > 1 and axis not in used:
             warnings.append(f"mesh axis {axis!r} (size {size}) is unused by the rules table: its devices "
                             "duplicate the work of the others")
     if d["heads_sharded"] and not d["kv_sharded"] and cfg.K > 1:
-        warnings.append(f"kv heads replicated: n_kv_heads={cfg.K} < model axis {d['n']}; k/v weights and "
+        warnings.append(f"kv heads replicated: n_kv_heads={cfg.K} < model axis {n}; k/v weights and "
                         "projections are replicated and the backward adds a dK/dV all-reduce and 2 all-gathers")
     if Vp != cfg.V:
         warnings.append(f"vocab padded {cfg.V} -> {Vp} to split over the model axis")
+    return d, infos, rules_resolved, warnings, valid
 
-    # ---- memory
-    opt_bytes = 0 if decode else optimizer_bytes(infos, optimizer)
-    head_grad = next(i.local_bytes for i in infos if i.path == "head/kernel")
-    memory = _memory(cfg, d, c, remat, decode, opt_bytes, head_grad)
 
-    # ---- FLOPs. Model FLOPs follow jaxtp.train.train_flops_per_step (PaLM): 6*P*T over matmul params
-    # plus attention 12*L*B*S^2*N*H counted NON-causally - the model computes the full S x S scores and
-    # masks them, so that is also the work done. Hardware FLOPs add padded vocab columns, replicated kv
-    # projections (every rank computes all K heads) and remat's recomputed forward.
+def _flops(cfg, d, batch_size, seq_len, remat, decode) -> dict:
+    """Model FLOPs follow jaxtp.train.train_flops_per_step (PaLM): 6*P*T over matmul params plus attention
+    12*L*B*S^2*N*H counted NON-causally - the model computes the full S x S scores and masks them, so that
+    is also the work done. Hardware FLOPs add padded vocab columns, replicated kv projections (every rank
+    of a kv group computes the same heads) and remat's recomputed forward. Decode: 2*P*B + 4*L*B*S*N*H."""
     from .train import train_flops_per_step
 
-    T = batch_size * seq_len
     matmul_params = cfg.param_count() - cfg.V * cfg.D - (2 * cfg.L + 1) * cfg.D
-    kv_params = 2 * cfg.D * cfg.K * cfg.H * cfg.L
     if decode:
-        model_flops = 2.0 * matmul_params * batch_size + 4.0 * cfg.L * batch_size * seq_len * cfg.N * cfg.H
-        fwd_factor, attn_factor = 2.0, 4.0
+        tok, per_param, attention = batch_size, 2.0, 4.0 * cfg.L * batch_size * seq_len * cfg.N * cfg.H
+        model = per_param * matmul_params * tok + attention
     else:
-        model_flops = float(train_flops_per_step(cfg, batch_size, seq_len))
-        fwd_factor, attn_factor = 6.0, 12.0
-    tok = batch_size if decode else T
-    kv_extra = (fwd_factor * kv_params * tok * (d["n"] / split("kv_heads") - 1)) if d["heads_sharded"] else 0.0
-    hw_flops = model_flops + fwd_factor * (Vp - cfg.V) * cfg.D * tok + kv_extra
+        tok, per_param = batch_size * seq_len, 6.0
+        model = float(train_flops_per_step(cfg, batch_size, seq_len))
+        attention = 12.0 * cfg.L * batch_size * seq_len ** 2 * cfg.N * cfg.H
+    kv_extra = per_param * 2 * cfg.D * cfg.K * cfg.H * cfg.L * tok * (d["n"] / d["kv_split"] - 1) \
+        if d["heads_sharded"] else 0.0
+    hardware = model + per_param * (d["Vp"] - cfg.V) * cfg.D * tok + kv_extra
     if remat in ("full", True) and not decode:
-        hw_flops += model_flops / 3  # one more forward pass
-    per_dev = hw_flops / n_dev * (1 if not set(ms.shape) - used else
-                                  math.prod(s for a, s in ms.shape.items() if a not in used))
-    flops = {"model": model_flops, "hardware": hw_flops, "per_device": per_dev,
-             "matmul": fwd_factor * matmul_params * tok,
-             "attention": (attn_factor * cfg.L * batch_size * seq_len * (1 if decode else seq_len) * cfg.N * cfg.H),
-             "convention": "2*P*B + 4*L*B*S*N*H per decode step (S cached positions)" if decode else
-                           "6*P*T + 12*L*B*S^2*N*H, attention counted non-causally (PaLM; equals "
-                           "jaxtp.train.train_flops_per_step)"}
+        hardware += model / 3  # one more forward pass
+    return {"model": model, "hardware": hardware, "per_device": hardware / d["n_dev"] * d["dup"],
+            "matmul": per_param * matmul_params * tok, "attention": attention,
+            "convention": "2*P*B + 4*L*B*S*N*H per decode step (S cached positions)" if decode else
+                          "6*P*T + 12*L*B*S^2*N*H, attention counted non-causally (PaLM; equals "
+                          "jaxtp.train.train_flops_per_step)"}
 
-    # ---- collectives
-    items = (_decode_collectives if decode else _train_collectives)(cfg, d, act_b)
-    stride = {}
-    acc = 1
-    for axis in reversed(list(ms.shape)):  # row-major device grid: the last axis is contiguous
+
+def _collectives(cfg, d, items, ms: MeshShape, hw: Hardware) -> dict:
+    """Summaries per step, per layer and per mesh axis; each item gets its ring time. Devices sit on the
+    mesh row-major (jaxtp.mesh.make_mesh), so an axis stays inside one fast domain (node / slice) when
+    its size times the product of the later axes' sizes is at most `node_size`; otherwise its ring
+    crosses domains and runs at the DCN rate."""
+    stride, acc = {}, 1
+    for axis in reversed(list(ms.shape)):
         stride[axis] = acc
         acc *= ms.shape[axis]
-    intra = {axis: ms.shape[axis] * stride[axis] <= hw.node_size for axis in ms.shape}
-    for it in items:
-        axes = it["axis"].split("+")
-        it["time_s"] = _coll_time(it, hw, all(intra.get(a, True) for a in axes))
+    intra = lambda axes: all(ms.shape.get(a, 1) * stride.get(a, 1) <= hw.node_size for a in axes.split("+"))
     by_axis: dict = {}
+    per_layer: dict = {}
     for it in items:
+        it["time_s"] = _coll_time(it, hw, intra(it["axis"]))
         row = by_axis.setdefault(it["axis"], {"count": 0, "bytes": 0, "time_s": 0.0,
-                                              "link": "intra" if all(intra.get(a, True) for a in it["axis"].split("+")) else "dcn"})
+                                              "link": "intra" if intra(it["axis"]) else "dcn"})
         row["count"] += it["count"]
         row["bytes"] += it["bytes"]
         row["time_s"] += it["time_s"]
-    per_layer = {}
-    for it in items:
         if it["per_layer"]:
             row = per_layer.setdefault(f"{it['kind']}@{it['axis']}", {"count": 0, "bytes": 0})
             row["count"] += it["count"] // cfg.L
             row["bytes"] += it["bytes"] // cfg.L
-    collectives = {"per_step": _summary(items), "per_layer": dict(sorted(per_layer.items())), "by_axis": by_axis,
-                   "items": items, "bytes_convention": "size of the unsharded buffer each collective produces "
-                                                        "(as jaxtp.hlo counts them)"}
+    return {"per_step": _summary(items), "per_layer": dict(sorted(per_layer.items())), "by_axis": by_axis,
+            "items": items, "intra": {a: intra(a) for a in ms.shape},
+            "bytes_convention": "size of the unsharded buffer each collective produces (as jaxtp.hlo counts)"}
 
-    # ---- time
-    t_compute = per_dev / hw.flops_per_s
-    opt_traffic = 0 if decode else 2 * (memory["params"] + memory["optimizer"]) + memory["grads"]
+
+def _times(d, memory, flops, items, hw: Hardware, decode: bool):
+    """Roofline pieces and three step times.
+    compute: hardware FLOPs at the matmul peak. memory: HBM traffic - training reads the weights in the
+    forward and backward, writes gradients, reads and writes params + optimizer state in the update, and
+    writes then reads every saved activation; decode reads weights and the KV cache once.
+    serial = all three in sequence; overlapped = the largest alone (perfect overlap).
+    predicted (training) = matmuls at peak with their weight reads hidden inside them, plus the
+    memory-bound element-wise and optimizer kernels, plus the model-axis collectives (Megatron's
+    all-reduces sit on the critical path; THEORY B3 says plan for little overlap), plus whatever of the
+    data-axis gradient all-reduce does not hide behind the backward pass (2/3 of the compute).
+    predicted (decode) = max(compute, memory) + collectives."""
+    t_compute = flops["per_device"] / hw.flops_per_s
     if decode:
         hbm = memory["params"] + memory["kv_cache"] + memory["activations"]
-    else:  # weights read in fwd and bwd, gradients written, optimizer read+write, activations written+read
-        hbm = 3 * memory["params"] + opt_traffic + 2 * (memory["activations"] + memory["logits"])
+        elementwise = 0.0
+    else:
+        elementwise = 2 * (memory["params"] + memory["optimizer"]) + memory["grads"] \
+            + 2 * (memory["activations"] + memory["logits"])
+        hbm = 3 * memory["params"] + elementwise
     t_memory = hbm / hw.hbm_bytes_per_s
-    t_comm_crit = sum(it["time_s"] for it in items if it["critical"])
-    t_comm_bg = sum(it["time_s"] for it in items if not it["critical"])
-    t_comm = t_comm_crit + t_comm_bg
-    work = max(t_compute, t_memory)
-    # Megatron's TP all-reduces sit on the critical path (THEORY B3: assume little overlap); the data-axis
-    # gradient all-reduce can hide behind the backward pass (2/3 of the compute).
-    predicted = work + t_comm_crit + max(0.0, t_comm_bg - (0 if decode else 2 / 3 * t_compute))
-    times = {"compute_s": t_compute, "memory_s": t_memory, "communication_s": t_comm,
-             "communication_critical_s": t_comm_crit, "hbm_bytes": hbm,
-             "serial_s": work + t_comm, "overlapped_s": max(work, t_comm), "predicted_s": predicted,
-             "bound": "compute" if t_compute >= max(t_memory, t_comm) else
-             "memory" if t_memory >= t_comm else "communication"}
-    mfu = model_flops / (predicted * n_dev * hw.flops_per_s) if predicted > 0 else 0.0
-    times["mfu_serial"] = model_flops / (times["serial_s"] * n_dev * hw.flops_per_s) if times["serial_s"] else 0.0
-    times["mfu_overlapped"] = model_flops / (times["overlapped_s"] * n_dev * hw.flops_per_s) if times["overlapped_s"] else 0.0
+    t_crit = sum(it["time_s"] for it in items if it["critical"])
+    t_bg = sum(it["time_s"] for it in items if not it["critical"])
+    t_comm = t_crit + t_bg
     if decode:
-        times["mbu"] = hbm / (predicted * hw.hbm_bytes_per_s) if predicted else 0.0
+        predicted = max(t_compute, t_memory) + t_comm
+    else:
+        predicted = t_compute + elementwise / hw.hbm_bytes_per_s + t_crit + max(0.0, t_bg - 2 / 3 * t_compute)
+    serial, overlapped = t_compute + t_memory + t_comm, max(t_compute, t_memory, t_comm)
+    peak = d["n_dev"] * hw.flops_per_s
+    times = {"compute_s": t_compute, "memory_s": t_memory, "communication_s": t_comm,
+             "communication_critical_s": t_crit, "hbm_bytes": hbm, "serial_s": serial,
+             "overlapped_s": overlapped, "predicted_s": predicted,
+             "bound": max((t_compute, "compute"), (t_memory, "memory"), (t_comm, "communication"))[1],
+             "mfu_serial": flops["model"] / (serial * peak), "mfu_overlapped": flops["model"] / (overlapped * peak)}
+    if decode:
+        times["mbu"] = hbm / (predicted * hw.hbm_bytes_per_s)
+    return times, flops["model"] / (predicted * peak)
 
-    # ---- R = T_math / T_comm for one layer's TP-sharded matmuls vs its model-axis collectives
-    # Training: THEORY B3's T_math / T_comm, with this step's own per-layer collectives (7 activation
-    # buffers per layer as XLA emits them, where Megatron's formula assumes 4). Decode: the layer's work is
-    # loading its weights and KV cache from HBM (THEORY B6), so R compares that time with the all-reduces.
-    R = None
+
+def _ratio(cfg, d, memory, items, hw: Hardware, decode, times, collectives, warnings):
+    """R = T_math / T_comm of one layer: its TP-sharded matmuls against its model-axis collectives.
+    Training uses THEORY B3's ratio with this step's own collectives (7 activation buffers per layer as
+    XLA emits them, where Megatron's formula assumes 4; that formula is reported alongside). Decode: a
+    layer's work is loading its weights and KV cache from HBM (THEORY B6), so R compares that time."""
     times["comm_bound_ratio_megatron"] = None
-    if d["n"] > 1:
-        p_layer = cfg.D * cfg.N * cfg.H * 2 + 2 * cfg.D * cfg.K * cfg.H + 3 * cfg.D * cfg.F
-        t_math = (fwd_factor * p_layer * tok / nd / d["n"]) / hw.flops_per_s
-        if decode:
-            layer_bytes = (memory["params"] - 2 * Vp * cfg.D * param_b / split("vocab")) / cfg.L \
-                + memory["kv_cache"] / cfg.L
-            t_math = max(t_math, layer_bytes / hw.hbm_bytes_per_s)
-        t_layer = sum(it["time_s"] for it in items if it["per_layer"] and it["axis"] == d["tp_axis"]) / cfg.L
-        R = t_math / t_layer if t_layer > 0 else None
-        w = hw.link_bytes_per_s if intra.get(d["tp_axis"].split("+")[0], True) else hw.dcn_bytes_per_s
-        if not decode:
-            times["comm_bound_ratio_megatron"] = p_layer * w / (2 * act_b * hw.flops_per_s * cfg.D * (d["n"] - 1))
-        if R is not None and R < 1:
-            warnings.append(f"TP is communication-bound: R = T_math/T_comm = {R:.2f} < 1 per layer on the "
-                            f"{d['n']}-way {d['tp_axis']!r} axis ({'NVLink/ICI' if w == hw.link_bytes_per_s else 'DCN'}"
-                            f"); use a smaller model axis or more data parallelism")
-        lat = [it for it in items if it["per_layer"] and it["group"] > 1 and it["count"]
-               and it["bytes"] / it["count"] / it["group"] / w < (hw.latency_s if w == hw.link_bytes_per_s else hw.dcn_latency_s)]
-        if lat:
-            warnings.append("latency-bound collectives: " + ", ".join(it["what"] for it in lat))
-    if memory["total"] > hw.hbm_bytes:
-        warnings.append(f"does not fit: {memory['total'] / GiB:.1f} GiB per device > {hw.hbm_bytes / GiB:.1f} GiB HBM "
-                        f"({hw.name})")
-    elif memory["total"] > 0.9 * hw.hbm_bytes:
-        warnings.append(f"tight: {memory['total'] / GiB:.1f} GiB of {hw.hbm_bytes / GiB:.1f} GiB HBM; allocator "
-                        "fragmentation and framework buffers may not fit")
+    if d["n"] < 2:
+        return None
+    p_layer = 2 * cfg.D * cfg.N * cfg.H + 2 * cfg.D * cfg.K * cfg.H + 3 * cfg.D * cfg.F
+    tok = d["B_l"] * (1 if decode else d["S"])
+    t_math = (2 if decode else 6) * p_layer * tok / d["n"] / hw.flops_per_s
+    if decode:
+        layer_bytes = (memory["params"] - 2 * d["V_l"] * cfg.D * d["param_b"] + memory["kv_cache"]) / cfg.L
+        t_math = max(t_math, layer_bytes / hw.hbm_bytes_per_s)
+    layer = [it for it in items if it["per_layer"] and it["axis"] == d["tp_axis"]]
+    t_comm = sum(it["time_s"] for it in layer) / cfg.L
+    intra = collectives["intra"].get(d["tp_axis"].split("+")[0], True)
+    w, lat = (hw.link_bytes_per_s, hw.latency_s) if intra else (hw.dcn_bytes_per_s, hw.dcn_latency_s)
+    if not decode:
+        times["comm_bound_ratio_megatron"] = p_layer * w / (2 * d["act_b"] * hw.flops_per_s * cfg.D * (d["n"] - 1))
+    R = t_math / t_comm if t_comm > 0 else None
+    if R is not None and R < 1:
+        warnings.append(f"TP is communication-bound: R = T_math/T_comm = {R:.2f} < 1 per layer on the "
+                        f"{d['n']}-way {d['tp_axis']!r} axis ({'NVLink/ICI' if intra else 'between nodes'}); "
+                        "use a smaller model axis or more data parallelism")
+    slow = [it["what"] for it in layer if it["count"] and it["bytes"] / it["count"] / it["group"] / w < lat]
+    if slow:
+        warnings.append("latency-bound collectives (per-device message moves in < 1 hop latency): " + ", ".join(slow))
+    return R
 
-    setting = {"batch_size": batch_size, "seq_len": seq_len, "tokens_per_step": tok, "decode": decode,
-               "param_dtype": cfg.param_dtype, "compute_dtype": cfg.compute_dtype,
-               "optimizer": optimizer if isinstance(optimizer, str) else "custom", "remat": remat,
-               "rules": {k: "+".join(_axes(v)) or None for k, v in rules_resolved.items()},
-               "local": {k: d[k] for k in ("B_l", "N_l", "K_l", "F_l", "V_l")}}
-    model = {"param_count": cfg.param_count(), "padded_vocab": Vp, **cfg.to_dict()}
-    return Plan(model, dict(ms.shape), setting, hw, infos, memory, flops, collectives, times, mfu, R,
-                warnings, valid)
 
 
 # ------------------------------------------------------------------------------------------- formatting
@@ -693,7 +734,7 @@ def format_plan(p: Plan) -> str:
     if p.comm_bound_ratio is not None:
         mega = t["comm_bound_ratio_megatron"]
         lines.append(f"  TP ratio R = T_{'work' if p.setting['decode'] else 'math'}/T_comm = {p.comm_bound_ratio:.2f} "
-                     f"({'COMMUNICATION-BOUND' if p.comm_bound else 'compute-bound'})"
+                     f"({'COMMUNICATION-BOUND' if p.comm_bound else 'not communication-bound'})"
                      + (f"; Megatron forward formula (THEORY B3) {mega:.2f}" if mega is not None else ""))
     if p.warnings:
         lines += ["", "warnings"] + [f"  - {w}" for w in p.warnings]

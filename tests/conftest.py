@@ -46,3 +46,13 @@ def loss_and_grads(model, tokens):
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def reference_losses(cfg, spec, steps=12, batch=8, seq=32, lr=3e-3):
+    """What run.py computes for `--data synthetic --batch-size 8 --seq-len 32`, in-process, uninterrupted."""
+    corpus = jaxtp.data.load_corpus("synthetic")
+    mesh = jaxtp.make_mesh(spec)
+    tr = jaxtp.train.Trainer.create(jaxtp.Transformer.create(cfg, mesh),
+                                    jaxtp.train.TrainConfig(steps=steps, batch_size=batch, seq_len=seq, lr=lr))
+    return [float(tr.train_step(jaxtp.data.train_batch(corpus.train, mesh, batch, seq, 0, i))["loss"])
+            for i in range(steps)]

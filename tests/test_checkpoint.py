@@ -16,7 +16,7 @@ from flax import nnx
 
 import jaxtp
 from jaxtp import checkpoint, data, train
-from conftest import batch_tokens
+from conftest import batch_tokens, reference_losses
 
 pytestmark = pytest.mark.timeout(420)
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -100,16 +100,7 @@ def test_checkpoint_files_hold_no_pickle(saved):
 # --- train-state checkpoints through run.py ------------------------------------------------------
 
 ARGS = ["--model", "tiny", "--steps", "12", "--seq-len", "32", "--batch-size", "8", "--data", "synthetic",
-        "--sample-len", "4", "--checkpoint-every", "4", "--keep", "2"]
-
-
-def reference_losses(tiny, spec, steps=12):
-    """The same run in-process (same seed, batches and program), uninterrupted."""
-    corpus = data.load_corpus("synthetic")
-    mesh = jaxtp.make_mesh(spec)
-    tr = train.Trainer.create(jaxtp.Transformer.create(tiny, mesh),
-                              train.TrainConfig(steps=steps, batch_size=8, seq_len=32, lr=3e-3))
-    return [float(tr.train_step(data.train_batch(corpus.train, mesh, 8, 32, 0, i))["loss"]) for i in range(steps)]
+        "--sample-len", "4", "--checkpoint-every", "4", "--keep", "2", "--lean"]
 
 
 @pytest.fixture(scope="module")
