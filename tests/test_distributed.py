@@ -56,21 +56,24 @@ def test_checkpoint_of_two_processes_resumes_in_one(tiny, two_process_run):
 
 
 def test_checkpoint_of_one_process_resumes_in_two(tiny, tmp_path):
+    """Write step 4 of an 8-step run from this (single) process, then finish it with --processes 2."""
     out = tmp_path / "out"
-    first = subprocess.run([sys.executable, RUN, *ARGS, "--steps", "8", "--checkpoint-every", "4", "--out", str(out)],
-                           capture_output=True, text=True, env=ENV, timeout=400)
-    assert first.returncode == 0, first.stderr[-2000:]
-    (out / "report.json").unlink()
-    # Continue the same 8-step run from step 4 with two processes.
-    import shutil
-
-    shutil.rmtree(out / "checkpoints" / "8")
-    second = subprocess.run([sys.executable, RUN, "--processes", "2", *ARGS, "--steps", "8", "--checkpoint-every", "4",
-                             "--out", str(out), "--resume"], capture_output=True, text=True, env=ENV, timeout=400)
-    assert second.returncode == 0, second.stdout[-3000:]
-    assert "resumed from step 4" in second.stdout
-    losses = json.loads((out / "report.json").read_text())["loss"]
-    np.testing.assert_allclose(losses, reference_losses(tiny, "2x4", steps=8), rtol=0, atol=1e-5)
+    mesh = jaxtp.make_mesh("2x4")
+    corpus = data.load_corpus("synthetic")
+    tc = train.TrainConfig(steps=8, batch_size=8, seq_len=32, lr=3e-3)
+    tr = train.Trainer.create(jaxtp.Transformer.create(tiny, mesh), tc)
+    losses = [float(tr.train_step(data.train_batch(corpus.train, mesh, 8, 32, 0, i))["loss"]) for i in range(4)]
+    ckpts = checkpoint.TrainCheckpoints(out / "checkpoints")
+    identity = {"config": tiny.to_dict(), "train": dict(tc.__dict__), "data": corpus.describe()}  # as run.py writes
+    ckpts.save(4, tr.params, tr.opt_state, {**identity, "loss": losses})
+    ckpts.wait()
+    ckpts.close()
+    proc = subprocess.run([sys.executable, RUN, "--processes", "2", *ARGS, "--steps", "8", "--out", str(out),
+                           "--resume"], capture_output=True, text=True, env=ENV, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "resumed from step 4" in proc.stdout
+    got = json.loads((out / "report.json").read_text())["loss"]
+    np.testing.assert_allclose(got, reference_losses(tiny, "2x4", steps=8), rtol=0, atol=1e-5)
 
 
 def test_missing_peer_fails_fast_in_one_line(tmp_path):
