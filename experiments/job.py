@@ -184,7 +184,7 @@ class TrainingJob:
             return
         section("sample")
         prompt = data.encode(SAMPLE_PROMPT)[None, :]
-        n = min(self.sample_len, self.cfg.max_seq_len - prompt.shape[1])
+        n = min(self.sample_len, self.tc.seq_len - prompt.shape[1])  # stay within the trained context
         out = jaxtp.generate(model, prompt, n, temperature=0.7, top_k=40, seed=self.tc.seed)
         text = SAMPLE_PROMPT + data.decode(np.asarray(out)[0])
         self.report["sample"] = text

@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--model", default="small", help=f"model preset, one of {sorted(jaxtp.PRESETS)} (default small)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: tuned per preset)")
     p.add_argument("--batch-size", type=int, default=16, help="global batch size in sequences (default 16)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens (bytes) per sequence (default: the preset's max)")
+    p.add_argument("--seq-len", type=int, default=None, help="tokens (bytes) per sequence (default: tuned per preset, else its max)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate of AdamW (default: tuned per preset)")
     p.add_argument("--rules", default="megatron",
                    help=f"sharding rules preset, one of {sorted(jaxtp.RULE_PRESETS)} (default megatron)")
@@ -71,13 +71,14 @@ def parse_args(argv=None):
     p.add_argument("--lean", action="store_true",
                    help="skip the report's extra compiles (1-layer collective comparison, precision table, sample): "
                         "for scripted runs that only need training, checkpoints and losses")
-    p.add_argument("--sample-len", type=int, default=200, help="bytes to generate for the sample (default 200)")
+    p.add_argument("--sample-len", type=int, default=200,
+                   help="bytes to generate for the sample, capped by --seq-len (default 200)")
     return p.parse_args(argv)
 
 
-DEFAULTS = {  # per-preset (steps, lr); chosen for the best held-out loss within ~3 minutes on 2 cores
-    "tiny": (200, 3e-3),
-    "small": (1000, 3e-3),
+DEFAULTS = {  # per-preset (steps, lr, seq_len); chosen for the best held-out loss within ~3 minutes on 2 cores
+    "tiny": (200, 3e-3, 64),
+    "small": (500, 4e-3, 64),
 }
 
 
@@ -151,7 +152,7 @@ def main(argv=None) -> int:
 def run(args) -> int:
     if args.model not in jaxtp.PRESETS:
         fail(f"unknown --model {args.model!r}; choose one of {sorted(jaxtp.PRESETS)}")
-    steps, lr = DEFAULTS.get(args.model, (500, 1e-3))
+    steps, lr, default_seq = DEFAULTS.get(args.model, (500, 1e-3, None))
     steps = args.steps if args.steps is not None else steps
     lr = args.lr if args.lr is not None else lr
     if steps <= 0:
@@ -168,7 +169,7 @@ def run(args) -> int:
                                      hardware=args.hardware, rules=args.rules)))
         return 0
     cfg = cfg.replace(compute_dtype=args.compute_dtype)
-    seq_len = args.seq_len or cfg.max_seq_len
+    seq_len = args.seq_len or default_seq or cfg.max_seq_len
     if seq_len < 1 or seq_len > cfg.max_seq_len:
         fail(f"--seq-len {seq_len} is outside 1..{cfg.max_seq_len} (the {args.model} preset's max_seq_len)")
     if args.checkpoint_every < 0 or args.keep < 1:

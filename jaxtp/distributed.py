@@ -63,7 +63,8 @@ def launch_local(argv: list[str], n: int, poll_s: float = 0.2) -> int:
     for i in range(n):
         env = {**os.environ, ENV["coordinator"]: f"127.0.0.1:{port}", ENV["num_processes"]: str(n),
                ENV["process_id"]: str(i), "PYTHONUNBUFFERED": "1"}
-        env.pop("XLA_FLAGS", None)
+        flags = [f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f]  # each fakes its own
+        env["XLA_FLAGS"] = " ".join(flags)
         p = subprocess.Popen([sys.executable, *argv], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, start_new_session=True)
         threading.Thread(target=_pump, args=(p, f"[p{i}] "), daemon=True).start()

@@ -3,7 +3,8 @@
 Each parameter is an `nnx.Param` whose `out_sharding` metadata holds logical names such as
 ("embed", "heads", "head_dim"); `sharding.Layout` turns those into mesh placements. Activations are
 constrained only at block boundaries (after the attention output projection, after the MLP down
-projection, and on the residual stream) - exactly where Megatron places its all-reduces.
+projection, and on the residual stream) - exactly where Megatron places its all-reduces; the residual
+stream's own names (RESIDUAL) let a rules table add sequence parallelism or FSDP there.
 
 Tensor names carry their shape: B batch, S query positions, T key positions, D model width,
 N query heads, K kv heads, G query heads per kv head, H head dim, F MLP hidden, V (padded) vocab.
@@ -18,10 +19,17 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import ModelConfig, to_dtype
-from .sharding import Layout, constrain
+from .sharding import Layout, constrain, gathered
 
-RESIDUAL = ("batch", "seq", "embed")
+# The residual stream has names of its own, so a rules table can place it apart from the weights
+# (FSDP splits the weights' "embed" over `fsdp` while the batch already uses it) and apart from
+# attention's sequence axis (sequence parallelism splits "act_seq" over `model` between blocks; the
+# KV cache and attention internals keep "seq").
+RESIDUAL = ("batch", "act_seq", "act_embed")
+BLOCK_IN = ("batch", "seq", "act_embed")  # what attention and the MLP read: every position (SP gathers here)
 KV = ("batch", "seq", "kv_heads", "head_dim")
+HEADS = ("batch", "seq", "heads", "head_dim")
+HIDDEN = ("batch", "seq", "mlp")
 
 
 def normal_param(rngs: nnx.Rngs, shape, names, std: float, dtype) -> nnx.Param:
@@ -36,13 +44,15 @@ class Linear(nnx.Module):
     casts (jaxtp.quant) replace `kernel` with an int8 variable and a per-output-channel scale.
     """
 
-    def __init__(self, equation: str, shape, names, *, std: float, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, equation: str, shape, names, *, std: float, cfg: ModelConfig, rngs: nnx.Rngs,
+                 layout: Layout | None = None):
         self.equation = equation
         self.names = tuple(names)
         lhs, rhs_out = equation.split(",")
         rhs, out = rhs_out.split("->")
         self.contract = sum(1 for c in rhs if c in lhs and c not in out)
         self.compute_dtype = to_dtype(cfg.compute_dtype)
+        self.layout = layout
         self.kernel = normal_param(rngs, shape, names, std, to_dtype(cfg.param_dtype))
         self.quant_mode = None  # jaxtp.quant.cast sets "int8" (weight-only) or "w8a8", adding `scale`
 
@@ -52,19 +62,25 @@ class Linear(nnx.Module):
 
             return quantized_einsum(self.quant_mode, self.equation, x, self.kernel[...], self.scale[...],
                                     self.compute_dtype)
-        w = self.kernel[...].astype(self.compute_dtype)
-        return jnp.einsum(self.equation, x.astype(self.compute_dtype), w)
+        def matmul(x, w):
+            w = gathered(w, self.names, self.layout).astype(self.compute_dtype)
+            return jnp.einsum(self.equation, x.astype(self.compute_dtype), w)
+
+        if self.layout is not None and self.layout.gathers(self.names):
+            matmul = jax.checkpoint(matmul)  # ZeRO-3: gather again in the backward instead of keeping it
+        return matmul(x, self.kernel[...])
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layout: Layout | None = None):
         self.eps = cfg.norm_eps
+        self.layout = layout
         self.scale = nnx.Param(jnp.ones((cfg.d_model,), to_dtype(cfg.param_dtype)), out_sharding=("embed",))
 
     def __call__(self, x_BSD):
         x = x_BSD.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return (x * self.scale[...].astype(jnp.float32)).astype(x_BSD.dtype)
+        return (x * gathered(self.scale[...], ("embed",), self.layout).astype(jnp.float32)).astype(x_BSD.dtype)
 
 
 def rope(x_BSnH, positions_BS, theta: float):
@@ -103,11 +119,11 @@ class Attention(nnx.Module):
         D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
         self.layout, self.theta = layout, cfg.rope_theta
-        self.q = Linear("bsd,dnh->bsnh", (D, N, H), ("embed", "heads", "head_dim"), std=std, cfg=cfg, rngs=rngs)
-        self.k = Linear("bsd,dkh->bskh", (D, K, H), ("embed", "kv_heads", "head_dim"), std=std, cfg=cfg, rngs=rngs)
-        self.v = Linear("bsd,dkh->bskh", (D, K, H), ("embed", "kv_heads", "head_dim"), std=std, cfg=cfg, rngs=rngs)
+        self.q = Linear("bsd,dnh->bsnh", (D, N, H), ("embed", "heads", "head_dim"), std=std, cfg=cfg, rngs=rngs, layout=layout)
+        self.k = Linear("bsd,dkh->bskh", (D, K, H), ("embed", "kv_heads", "head_dim"), std=std, cfg=cfg, rngs=rngs, layout=layout)
+        self.v = Linear("bsd,dkh->bskh", (D, K, H), ("embed", "kv_heads", "head_dim"), std=std, cfg=cfg, rngs=rngs, layout=layout)
         self.o = Linear("bsnh,nhd->bsd", (N, H, D), ("heads", "head_dim", "embed"), std=out_std, cfg=cfg,
-                        rngs=rngs)
+                        rngs=rngs, layout=layout)
 
     def project_kv(self, x_BSD, positions_BS):
         """Keys (rotated) and values. Pinning their layout also pins their gradients', so replicated
@@ -117,10 +133,12 @@ class Attention(nnx.Module):
 
     def __call__(self, x_BSD, positions_BS, kv=None, k_pos_BT=None, k_valid_BT=None):
         """Self-attention over x; or, with `kv`=(k_BTKH, v_BTKH) from a cache, over those keys."""
-        q_BSNH = rope(self.q(x_BSD), positions_BS, self.theta)
+        x_BSD = constrain(x_BSD, BLOCK_IN, self.layout)
+        q_BSNH = constrain(rope(self.q(x_BSD), positions_BS, self.theta), HEADS, self.layout)
         if kv is None:
             kv, k_pos_BT = self.project_kv(x_BSD, positions_BS), positions_BS
         out_BSNH = attend(q_BSNH, kv[0], kv[1], positions_BS, k_pos_BT, k_valid_BT)
+        out_BSNH = constrain(out_BSNH, HEADS, self.layout)
         return constrain(self.o(out_BSNH), RESIDUAL, self.layout)
 
 
@@ -130,13 +148,14 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, layout: Layout | None, rngs: nnx.Rngs):
         D, F = cfg.d_model, cfg.d_ff
         self.layout = layout
-        self.gate = Linear("bsd,df->bsf", (D, F), ("embed", "mlp"), std=cfg.init_std, cfg=cfg, rngs=rngs)
-        self.up = Linear("bsd,df->bsf", (D, F), ("embed", "mlp"), std=cfg.init_std, cfg=cfg, rngs=rngs)
+        self.gate = Linear("bsd,df->bsf", (D, F), ("embed", "mlp"), std=cfg.init_std, cfg=cfg, rngs=rngs, layout=layout)
+        self.up = Linear("bsd,df->bsf", (D, F), ("embed", "mlp"), std=cfg.init_std, cfg=cfg, rngs=rngs, layout=layout)
         self.down = Linear("bsf,fd->bsd", (F, D), ("mlp", "embed"), std=cfg.init_std / math.sqrt(2 * cfg.n_layers),
-                           cfg=cfg, rngs=rngs)
+                           cfg=cfg, rngs=rngs, layout=layout)
 
     def __call__(self, x_BSD):
-        h_BSF = jax.nn.silu(self.gate(x_BSD)) * self.up(x_BSD)
+        x_BSD = constrain(x_BSD, BLOCK_IN, self.layout)
+        h_BSF = constrain(jax.nn.silu(self.gate(x_BSD)) * self.up(x_BSD), HIDDEN, self.layout)
         return constrain(self.down(h_BSF), RESIDUAL, self.layout)
 
 
@@ -145,9 +164,9 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, layout: Layout | None, rngs: nnx.Rngs):
         self.layout = layout
-        self.attn_norm = RMSNorm(cfg)
+        self.attn_norm = RMSNorm(cfg, layout)
         self.attn = Attention(cfg, layout, rngs)
-        self.mlp_norm = RMSNorm(cfg)
+        self.mlp_norm = RMSNorm(cfg, layout)
         self.mlp = MLP(cfg, layout, rngs)
 
     def __call__(self, x_BSD, positions_BS, **attn_kwargs):
@@ -163,7 +182,8 @@ class Embed(nnx.Module):
     def __init__(self, cfg: ModelConfig, padded_vocab: int, layout: Layout | None, rngs: nnx.Rngs):
         self.layout = layout
         self.compute_dtype = to_dtype(cfg.compute_dtype)
-        self.table = normal_param(rngs, (padded_vocab, cfg.d_model), ("vocab", "embed"), cfg.init_std,
+        self.table_names = ("vocab", "embed")
+        self.table = normal_param(rngs, (padded_vocab, cfg.d_model), self.table_names, cfg.init_std,
                                   to_dtype(cfg.param_dtype))
         self.quant_mode = None  # jaxtp.quant.cast: int8 table plus one scale per vocab row (`scale`)
 
@@ -173,5 +193,7 @@ class Embed(nnx.Module):
 
             x_BSD = int8_take(self.table[...], self.scale[...], tokens_BS, self.compute_dtype)
         else:
-            x_BSD = jnp.take(self.table[...], tokens_BS, axis=0).astype(self.compute_dtype)
-        return constrain(x_BSD, RESIDUAL, self.layout)
+            table = gathered(self.table[...], self.table_names, self.layout)
+            x_BSD = jnp.take(table, tokens_BS, axis=0).astype(self.compute_dtype)
+        # Reduce the vocab-parallel partial rows on every position, then lay the stream out as RESIDUAL.
+        return constrain(constrain(x_BSD, BLOCK_IN, self.layout), RESIDUAL, self.layout)

@@ -34,9 +34,9 @@ class Transformer(nnx.Module):
         self.padded_vocab = cfg.padded_vocab(model_axis)
         self.embed = Embed(cfg, self.padded_vocab, layout, rngs)
         self.blocks = nnx.List([Block(cfg, layout, rngs) for _ in range(cfg.n_layers)])
-        self.final_norm = RMSNorm(cfg)
+        self.final_norm = RMSNorm(cfg, layout)
         self.head = Linear("bsd,dv->bsv", (cfg.d_model, self.padded_vocab), ("embed", "vocab"),
-                           std=cfg.init_std, cfg=cfg, rngs=rngs)
+                           std=cfg.init_std, cfg=cfg, rngs=rngs, layout=layout)
 
     @classmethod
     def create(cls, cfg: ModelConfig, mesh, seed: int = 0, rules=None) -> "Transformer":

@@ -55,6 +55,10 @@ class Hardware:
     latency_s: float = 1e-6  # per ring hop inside the fast domain (THEORY B2: T_min ~ 1 us)
     dcn_latency_s: float = 1e-5  # per hop across domains: an assumption, not a quoted figure
     native_bf16: bool = True  # False: XLA:CPU upcasts bf16 matmuls, so activation collectives move f32
+    # False: the backend's XLA pipeline does not rewrite all-reduce + dynamic-slice into reduce-scatter
+    # (XLA:CPU, measured on jax 0.10.2); sequence parallelism's and ZeRO's reduce-scatters then run as
+    # all-reduces of the same buffer (twice the ring bytes of a reduce-scatter).
+    forms_reduce_scatter: bool = True
     source: str = ""
 
 
@@ -113,7 +117,8 @@ def measure_cpu(n: int = 1024, copy_mib: int = 64) -> Hardware:
     except (ValueError, OSError, AttributeError):
         total = 16 * GiB
     return Hardware("cpu", flops, bw, float(total), bw, 1 << 30, bw, latency_s=1e-5,
-                    dcn_latency_s=1e-5, native_bf16=False, source="measured: f32 matmul and copy on this host")
+                    dcn_latency_s=1e-5, native_bf16=False, forms_reduce_scatter=False,
+                    source="measured: f32 matmul and copy on this host")
 
 
 def get_hardware(hw: str | Hardware) -> Hardware:
@@ -277,28 +282,54 @@ def _train_collectives(cfg, d: dict) -> list[dict]:
     Replicated kv heads (K < model axis): k/v input-gradients are whole on every rank (no [B,S,D]
     reduce), but dK, dV are summed over the n/K ranks sharing a kv head ([B,S,1,H] each, one op) and
     all-gathered back to [B,S,K,H] (two ops), as tests/test_collectives.py measures.
+    Sequence parallelism (act_seq over the model axis): every [B, S, D] reduction above (embedding,
+    out-projection, down-projection, head and block input-gradients) becomes a reduce-scatter along the
+    sequence - on XLA:CPU an all-reduce of the same buffer followed by a dynamic-slice - and each
+    block's matmul input is all-gathered (2 per layer forward; their transposes, the output-gradient
+    gathers, 2 per layer backward), plus the head's input (forward) and the embedding's output-gradient
+    (backward). Norms now see S/n positions, so their scale gradients are partial sums: per layer they
+    ride in the input-gradient ops; the final norm's takes an op of its own (the target logit rides in it).
+    FSDP (weights' embed axis over axes that also split the batch - ZeRO-3): every weight is
+    all-gathered where it is read (9 per layer), the matmul weights again in the backward (7 per layer,
+    Linear re-gathers under jax.checkpoint rather than keep them), plus the embedding table, final norm
+    and head (fwd + bwd) outside the blocks. The gradients leave the backward with the gathered shapes
+    and are reduced over all batch axes in one combined op (XLA:CPU: an all-reduce of the gathered
+    gradients, then each rank keeps its slice; a reduce-scatter where the backend forms one).
     Data axis: one all-reduce of every local gradient (plus the f32 loss), combined into one op; it can
     overlap the backward pass, the model-axis ones sit on the critical path."""
     L, D, H, act_b = cfg.L, cfg.D, cfg.H, d["act_b"]
     tp, n, dp, nd = d["tp_axis"], d["n"], d["dp_axis"], d["d"]
     BS = d["B_l"] * d["S"]
+    sp = d["sp"]
+    rs = "reduce-scatter" if sp and d["forms_rs"] else "all-reduce"  # a [B,S,D] reduction under SP
     out = []
     if n > 1:
         if d["vocab_sharded"]:
-            out.append(_coll("all-reduce", tp, n, 1, BS * D * d["param_b"], "embedding lookup (vocab-parallel)"))
+            out.append(_coll(rs, tp, n, 1, BS * D * d["param_b"], "embedding lookup (vocab-parallel)"))
         if d["heads_sharded"]:
-            out.append(_coll("all-reduce", tp, n, L, L * BS * D * act_b, "attention out-projection (fwd)", True))
+            out.append(_coll(rs, tp, n, L, L * BS * D * act_b, "attention out-projection (fwd)", True))
         if d["mlp_sharded"]:
-            out.append(_coll("all-reduce", tp, n, L, L * BS * D * act_b, "MLP down-projection (fwd)", True))
+            out.append(_coll(rs, tp, n, L, L * BS * D * act_b, "MLP down-projection (fwd)", True))
+        if sp:
+            n_in = int(d["heads_sharded"]) + int(d["mlp_sharded"])
+            out.append(_coll("all-gather", tp, n, n_in * L, n_in * L * BS * D * act_b,
+                             "attention and MLP inputs gathered along the sequence (fwd)", True))
+            out.append(_coll("all-gather", tp, n, n_in * L, n_in * L * BS * D * act_b,
+                             "output-gradients gathered along the sequence (bwd)", True))
         if d["vocab_sharded"]:
             out.append(_coll("all-reduce", tp, n, 2, 2 * BS * 4, "loss: logsumexp max and sum over vocab"))
             out.append(_coll("all-reduce", tp, n, 0, BS * 4, "loss: target logit (combined into another op)"))
-            out.append(_coll("all-reduce", tp, n, 1, BS * D * act_b, "head input-gradient (bwd)"))
+            out.append(_coll(rs, tp, n, 1, BS * D * act_b, "head input-gradient (bwd)"))
+            if sp:
+                again = d["zero_head"] > 1  # the head re-runs under jax.checkpoint to re-gather its weight
+                out.append(_coll("all-gather", tp, n, 1 + again, (1 + again) * BS * D * act_b,
+                                 "head input gathered (fwd" + (", and again in the bwd)" if again else ")")))
+                out.append(_coll("all-gather", tp, n, 1, BS * D * act_b, "embedding output-gradient gathered (bwd)"))
         if d["mlp_sharded"]:
-            out.append(_coll("all-reduce", tp, n, L, L * 2 * BS * D * act_b, "MLP gate+up input-gradients (bwd)", True))
+            out.append(_coll(rs, tp, n, L, L * 2 * BS * D * act_b, "MLP gate+up input-gradients (bwd)", True))
         if d["heads_sharded"]:
             n_in = 3 if d["kv_sharded"] else 1
-            out.append(_coll("all-reduce", tp, n, L, L * n_in * BS * D * act_b,
+            out.append(_coll(rs, tp, n, L, L * n_in * BS * D * act_b,
                              f"attention {'q+k+v' if n_in == 3 else 'q'} input-gradients (bwd)", True))
             if not d["kv_sharded"]:
                 share = max(n // cfg.K, 1)
@@ -306,11 +337,38 @@ def _train_collectives(cfg, d: dict) -> list[dict]:
                                  "dK, dV summed over ranks sharing a kv head (bwd)", True))
                 out.append(_coll("all-gather", tp, min(n, cfg.K), 2 * L, L * 2 * BS * cfg.K * H * act_b,
                                  "dK, dV gathered to replicated kv heads (bwd)", True))
+        if sp:
+            out.append(_coll("all-reduce", tp, n, 0, L * 2 * D * 4,
+                             "norm-scale gradient partial sums (combined into the input-gradient ops)", True))
+            out.append(_coll("all-reduce", tp, n, 1, D * 4, "final-norm scale gradient partial sum"))
         if d["n_tp_leaves"]:
             out.append(_coll("all-reduce", tp, n, 1, 2 * 4 * d["n_tp_leaves"], "global-norm partial sums"))
+    if d["nf"] > 1:
+        zf, nf = d["zero_axis"], d["nf"]
+        blk = [i for i in d["infos"] if i.path.startswith("blocks/0/") and d["zero"](i) > 1]
+        mat = [i for i in blk if len(i.shape) >= 2]
+        rest = {i.path: i for i in d["infos"] if not i.path.startswith("blocks/") and d["zero"](i) > 1}
+        g = lambda i: i.local_bytes * d["zero"](i)  # the gathered weight: its zero axes undone
+        out.append(_coll("all-gather", zf, nf, L * len(blk), L * sum(map(g, blk)),
+                         "block weights gathered where read (fwd)", True))
+        out.append(_coll("all-gather", zf, nf, L * len(mat), L * sum(map(g, mat)),
+                         "block matmul weights gathered again (bwd)", True))
+        fwd_only = [i for p, i in rest.items() if p != "head/kernel"]
+        out.append(_coll("all-gather", zf, nf, len(fwd_only), sum(map(g, fwd_only)),
+                         "embedding table and final norm gathered (fwd)"))
+        if "head/kernel" in rest:
+            out.append(_coll("all-gather", zf, nf, 2, 2 * g(rest["head/kernel"]), "head gathered (fwd and bwd)"))
     if nd > 1:
-        out.append(_coll("all-reduce", dp, nd, 1, d["param_bytes"] + 4, "gradients (+ loss) over data",
-                         critical=False))
+        full = d["grad_bytes"] + 4
+        if d["nf"] > 1 and d["forms_rs"]:  # ZeRO: reduce-scatter over the fsdp axes, then the data axes
+            out.append(_coll("reduce-scatter", d["zero_axis"], d["nf"], 1, full, "gradients (+ loss) over fsdp",
+                             critical=False))
+            if nd > d["nf"]:
+                out.append(_coll("all-reduce", d["data_only_axis"], nd // d["nf"], 1, d["param_bytes"] + 4,
+                                 "gradient shards (+ loss) over data", critical=False))
+        else:
+            out.append(_coll("all-reduce", dp, nd, 1, full, "gradients (+ loss) over data"
+                             + ("+fsdp, in their gathered shapes" if d["nf"] > 1 else ""), critical=False))
     return out
 
 
@@ -364,9 +422,13 @@ def _activation_bytes_per_token_layer(cfg, d, c: int) -> int:
       q after RoPE, k and v (repeated to N heads for GQA),
       attention output                                           4*N_l*H*c
       scores/sqrt(H) and softmax probabilities, f32              2*N_l*S*4   (no flash attention)
-      SwiGLU: gate, up, sigmoid(gate), silu(gate), silu*up       5*F_l*c"""
-    return (2 * cfg.D * (4 + c) + 2 * cfg.D * c + 4 * d["N_l"] * cfg.H * c + 2 * d["N_l"] * d["S"] * 4
-            + 5 * d["F_l"] * c)
+      SwiGLU: gate, up, sigmoid(gate), silu(gate), silu*up       5*F_l*c
+    With sequence parallelism the norms' f32 inputs and the residual stream hold S/n positions; the
+    scaled norm outputs are kept as gathered (the matmuls' saved inputs).
+    """
+    sp = d["n"] if d["sp"] else 1
+    return (2 * cfg.D * 4 // sp + 2 * cfg.D * c + 2 * cfg.D * c // sp + 4 * d["N_l"] * cfg.H * c
+            + 2 * d["N_l"] * d["S"] * 4 + 5 * d["F_l"] * c)
 
 
 def _memory(cfg, d, remat, decode: bool, opt_bytes: int, head_grad: int) -> dict:
@@ -391,21 +453,27 @@ def _memory(cfg, d, remat, decode: bool, opt_bytes: int, head_grad: int) -> dict
     else:
         layers = cfg.L * per_layer
     # Outside the blocks: embedding output (gathered rows and the masked partial), final RMSNorm (f32 and
-    # scaled), the f32 logits kept for the loss's backward.
-    act = T_l * (layers + 2 * cfg.D * d["param_b"] + cfg.D * (4 + c))
+    # scaled), the f32 logits kept for the loss's backward. SP: the stream and the norm's f32 input / n.
+    sp = d["n"] if d["sp"] else 1
+    act = T_l * (layers + cfg.D * d["param_b"] * (1 + 1 / sp) + cfg.D * (4 / sp + c))
     logits = T_l * d["V_l"] * 4
     # Backward working set of the layer being differentiated: dgate/dup [T, F_l] and the attention's
     # score-sized gradients (dprobs, dscores, ...), or the logits gradient at the very start; plus the
     # head's gradient, the first parameter gradient to appear.
     transient = max(T_l * (2 * d["F_l"] * c + 4 * d["N_l"] * d["S"] * 4), logits)
-    backward_peak = act + logits + transient + head_grad
+    # FSDP: the gradients accumulate in their gathered shapes (head first) and each layer's weights are
+    # gathered while it is differentiated.
+    backward_peak = act + logits + transient + head_grad * d["zero_head"] + d["zero_layer_bytes"]
     # Optimizer update: all gradients live plus one parameter-sized temporary (XLA:CPU writes the
     # clipped gradient before the fused Adam update; params and moments update in place, donated).
-    update_peak = 2 * P
+    # FSDP: the backward leaves gradients in their gathered shapes; without a reduce-scatter (XLA:CPU)
+    # they are all-reduced whole, so the update holds that reduction's input and output.
+    grads = d["grad_bytes"] if not d["forms_rs"] else P
+    update_peak = 2 * grads
     inputs = d["B_l"] * (d["S"] + 1) * 4
-    temp = max(backward_peak, update_peak)
+    temp = max(int(backward_peak), update_peak)
     total = P + opt_bytes + inputs + temp
-    return {"params": P, "grads": P, "optimizer": opt_bytes, "activations": act, "logits": logits,
+    return {"params": P, "grads": grads, "optimizer": opt_bytes, "activations": act, "logits": logits,
             "backward_transient": transient, "inputs": inputs, "temp": temp, "total": total,
             "peak_phase": "backward" if backward_peak >= update_peak else "optimizer update"}
 
@@ -531,7 +599,28 @@ def _dims(cfg, ms: MeshShape, rules, batch_size, seq_len, hw):
         "vocab_sharded": split("vocab") > 1, "heads_sharded": split("heads") > 1, "mlp_sharded": split("mlp") > 1,
         "kv_sharded": split("kv_heads") > 1, "param_bytes": sum(i.local_bytes for i in infos),
         "n_tp_leaves": sum(1 for i in infos if set(tp_axes) & i.sharded_over),
+        "forms_rs": hw.forms_reduce_scatter, "infos": infos,
     }
+    # Sequence parallelism: the residual stream's sequence split over the TP axis between blocks.
+    sp_axes = _axes(rules_resolved["act_seq"])
+    d["sp"] = bool(sp_axes) and n > 1 and set(sp_axes) <= set(tp_axes)
+    if sp_axes and not d["sp"]:
+        warnings.append(f"act_seq maps to {'+'.join(sp_axes)!r}, not the tensor-parallel axis: its collectives "
+                        "are not modelled")
+    if d["sp"] and seq_len % split("act_seq"):
+        warnings.append(f"seq_len={seq_len} is not divisible by the {'+'.join(sp_axes)} axis "
+                        f"({split('act_seq')}): the residual stream stays whole (no sequence parallelism)")
+        d["sp"] = False
+    # ZeRO-3 / FSDP: mesh axes that split both the batch and some weight (jaxtp.Layout.gathered).
+    zero_axes = [a for a in dp_axes if any(a in i.sharded_over for i in infos)]
+    d["zero"] = lambda i: math.prod(ms.shape.get(a, 1) for a in zero_axes if a in i.sharded_over)
+    d["nf"] = math.prod(ms.shape.get(a, 1) for a in zero_axes)
+    d["zero_axis"] = "+".join(zero_axes) or "fsdp"
+    d["data_only_axis"] = "+".join(a for a in dp_axes if a not in zero_axes) or "data"
+    d["grad_bytes"] = sum(i.local_bytes * d["zero"](i) for i in infos)  # gradients as the backward leaves them
+    d["zero_head"] = next(d["zero"](i) for i in infos if i.path == "head/kernel")
+    d["zero_layer_bytes"] = sum(i.local_bytes * d["zero"](i) for i in infos if i.path.startswith("blocks/0/")) \
+        if d["nf"] > 1 else 0
     if batch_size % nd:
         warnings.append(f"batch_size={batch_size} is not divisible by the data axis ({nd}); planned with "
                         f"{d['B_l']} rows per device")

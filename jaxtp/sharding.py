@@ -1,14 +1,34 @@
 """THE rules table: logical axis names -> mesh axes. The only module that knows about mesh axes.
 
 Layers name logical axes ("heads", "mlp", "vocab", ...). A `Layout` pairs a mesh with a rules
-table resolved for one model config: mesh axes the mesh lacks become None, and kv heads that are
-fewer than the model axis are replicated (standard grouped-query practice: each kv head is copied
-onto the ranks whose query heads read it). Every check runs in Python before XLA sees anything.
-"""
+table resolved for one model config: mesh axes the mesh lacks (or of size 1) drop out, and kv heads
+that are fewer than the model axis are replicated (standard grouped-query practice: each kv head is
+copied onto the ranks whose query heads read it). Every check runs in Python before XLA sees anything.
 
+Parameters and activations use separate names for the model width and the sequence, so a strategy
+can place them differently: weights carry "embed"; the residual stream between blocks is
+("batch", "act_seq", "act_embed"); attention internals and KV caches keep "seq". A target is one
+mesh axis, a tuple of mesh axes (the dimension splits over their product, e.g. batch over
+("data", "fsdp")), or None.
+
+Presets (every one is a table, no layer knows which is in force; an axis of size 1 or absent from
+the mesh drops out, so each preset also runs on smaller meshes):
+  megatron     Megatron TP: heads, kv heads, MLP hidden and vocab over `model`; batch over data+fsdp
+               (on a mesh with an fsdp axis and this preset, fsdp is plain data parallelism).
+  megatron-sp  + sequence parallelism (Korthikanti et al. 2022): the residual stream between blocks is
+               split along the sequence over `model`, so norms and residual adds run on S/n positions and
+               each block-boundary all-reduce becomes a reduce-scatter (+ all-gather before the next
+               block's matmuls) where the compiler forms them.
+  fsdp         ZeRO-3 over `fsdp` composed with Megatron TP over `model`: every weight's embed axis
+               (and norm scales) is split over `fsdp`, so params, grads and Adam moments are all 1/fsdp
+               per device and XLA gathers each weight where it is used; batch over data+fsdp. On a mesh
+               with model=1 this is plain FSDP.
+  fsdp-sp      fsdp + sequence parallelism.
+"""
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Mapping, Sequence
 
 import jax
@@ -16,21 +36,26 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from .config import ModelConfig
-from .mesh import axis_size
+from .mesh import KNOWN_AXES, axis_size
 
-# Megatron tensor parallelism: heads, kv heads, MLP hidden and vocab over `model`; batch over `data`.
+# Megatron tensor parallelism: heads, kv heads, MLP hidden and vocab over `model`; batch over data+fsdp.
 MEGATRON: dict[str, str | tuple[str, ...] | None] = {
-    "batch": "data",
-    "seq": None,
-    "embed": None,
+    "batch": ("data", "fsdp"),
+    "seq": None,  # attention internals and KV caches
+    "act_seq": None,  # the residual stream's sequence axis between blocks
+    "embed": None,  # the model width of every weight (and norm scale)
+    "act_embed": None,  # the model width of the residual stream
     "vocab": "model",
     "heads": "model",
     "kv_heads": "model",
     "head_dim": None,
     "mlp": "model",
 }
+MEGATRON_SP = {**MEGATRON, "act_seq": "model"}
+FSDP = {**MEGATRON, "embed": "fsdp"}
+FSDP_SP = {**FSDP, "act_seq": "model"}
 LOGICAL_AXES = tuple(MEGATRON)
-RULE_PRESETS = {"megatron": MEGATRON}
+RULE_PRESETS = {"megatron": MEGATRON, "megatron-sp": MEGATRON_SP, "fsdp": FSDP, "fsdp-sp": FSDP_SP}
 
 # Which config field each sharded logical axis splits, for divisibility messages.
 _SIZED_AXES = {"heads": "n_heads", "kv_heads": "n_kv_heads", "mlp": "d_ff", "embed": "d_model"}
@@ -42,24 +67,45 @@ def _axes_of(target) -> tuple[str, ...]:
     return (target,) if isinstance(target, str) else tuple(target)
 
 
-def _suggest_meshes(cfg: ModelConfig, n_devices: int) -> str:
-    ok = [f"{n_devices // m}x{m}" for m in range(1, n_devices + 1)
-          if n_devices % m == 0 and cfg.n_heads % m == 0 and cfg.d_ff % m == 0
+def _split(mesh, axes) -> int:
+    return math.prod(axis_size(mesh, a) for a in axes)
+
+
+def _suggest_meshes(cfg: ModelConfig, mesh) -> str:
+    """Meshes of the same devices (fsdp kept) whose model axis divides heads, d_ff and kv heads."""
+    n_dev, f = mesh.devices.size, axis_size(mesh, "fsdp")
+    three = "fsdp" in mesh.shape
+    ok = [(f"{n_dev // (f * m)}x{f}x{m}" if three else f"{n_dev // m}x{m}") for m in range(1, n_dev // f + 1)
+          if (n_dev // f) % m == 0 and cfg.n_heads % m == 0 and cfg.d_ff % m == 0
           and (cfg.n_kv_heads % m == 0 or m % cfg.n_kv_heads == 0)]
     return ", ".join(ok) if ok else "none"
 
 
-def resolve_rules(cfg: ModelConfig, mesh, rules: Mapping | str | None = None) -> dict:
-    """Resolve a rules table for `cfg` on `mesh`, checking divisibility up front.
+def _hint(cfg: ModelConfig, mesh, axes: tuple[str, ...], size: int) -> str:
+    n_dev = mesh.devices.size
+    if axes == ("model",):
+        return f"pick a mesh whose model axis divides it (meshes that work with {n_dev} devices: " \
+               f"{_suggest_meshes(cfg, mesh)})"
+    ok = [str(m) for m in range(1, n_dev + 1) if n_dev % m == 0 and size % m == 0]
+    return f"pick a mesh whose {'+'.join(axes)} size divides it (sizes that do, on {n_dev} devices: {', '.join(ok)})"
 
-    Returns {logical name: mesh axis | tuple of axes | None}. Raises ValueError naming the
-    parameter, logical axis, mesh axis and both sizes when a split cannot be even.
+
+def resolve_rules(cfg: ModelConfig, mesh, rules: Mapping | str | None = None) -> dict:
+    """Resolve a rules table for `cfg` on `mesh`, checking it and divisibility up front.
+
+    `rules`: a preset name (RULE_PRESETS), a dict {logical name: mesh axis | tuple of axes | None}
+    naming every logical axis, or None (megatron). Returns the same kind of dict with the mesh axes
+    the mesh lacks or has at size 1 removed (a tuple left with one axis becomes that axis). Raises
+    ValueError for unknown or missing logical names, unknown mesh axes, an axis repeated in one
+    target, and - naming the parameter, logical axis, mesh axis and both sizes - a split that cannot
+    be even.
     """
     if rules is None:
         rules = "megatron"
     if isinstance(rules, str):
         if rules not in RULE_PRESETS:
-            raise ValueError(f"unknown rules preset {rules!r}; choose one of {sorted(RULE_PRESETS)}")
+            raise ValueError(f"unknown rules preset {rules!r}; choose one of {sorted(RULE_PRESETS)} "
+                             "or pass a dict table")
         rules = RULE_PRESETS[rules]
     unknown = set(rules) - set(LOGICAL_AXES)
     if unknown:
@@ -70,17 +116,24 @@ def resolve_rules(cfg: ModelConfig, mesh, rules: Mapping | str | None = None) ->
     mesh_axes = set(mesh.shape)
     resolved: dict = {}
     for name, target in rules.items():
-        axes = tuple(a for a in _axes_of(target) if a in mesh_axes and axis_size(mesh, a) > 1)
+        axes = _axes_of(target)
+        for a in axes:
+            if not isinstance(a, str):
+                raise ValueError(f"rules table: logical axis {name!r} maps to {target!r}; a target is a mesh "
+                                 "axis name, a tuple of names, or None")
+            if a not in mesh_axes and a not in KNOWN_AXES:
+                raise ValueError(f"rules table: logical axis {name!r} maps to mesh axis {a!r}, which neither "
+                                 f"this mesh {tuple(mesh.shape)} nor jaxtp's mesh specs {KNOWN_AXES} have")
+        if len(set(axes)) != len(axes):
+            raise ValueError(f"rules table: logical axis {name!r} names a mesh axis twice in {target!r}")
+        axes = tuple(a for a in axes if a in mesh_axes and axis_size(mesh, a) > 1)
         resolved[name] = None if not axes else axes[0] if len(axes) == 1 else axes
-    n_dev = mesh.devices.size
     for name, field in _SIZED_AXES.items():
         axes = _axes_of(resolved[name])
         if not axes:
             continue
         size = getattr(cfg, field)
-        split = 1
-        for a in axes:
-            split *= axis_size(mesh, a)
+        split = _split(mesh, axes)
         if size % split == 0:
             continue
         if name == "kv_heads" and split % size == 0:
@@ -88,8 +141,7 @@ def resolve_rules(cfg: ModelConfig, mesh, rules: Mapping | str | None = None) ->
             continue
         raise ValueError(
             f"{field}={size} (logical axis {name!r}) is not divisible by mesh axis "
-            f"{'+'.join(axes)!r} of size {split}; pick a mesh whose model axis divides it "
-            f"(meshes that work with {n_dev} devices: {_suggest_meshes(cfg, n_dev)}) or change {field}")
+            f"{'+'.join(axes)!r} of size {split}; {_hint(cfg, mesh, axes, size)} or change {field}")
     return resolved
 
 
@@ -131,8 +183,37 @@ class Layout:
         return NamedSharding(self.mesh, self.spec(names, what))
 
     def constrain(self, x, names):
-        """Pin an activation's layout (used only at block boundaries, where Megatron's all-reduces sit)."""
-        return jax.lax.with_sharding_constraint(x, self.sharding(names))
+        """Pin an activation's layout (used only at block boundaries, where Megatron's all-reduces sit).
+
+        A dimension its mesh axes do not divide (a decode step's single position under sequence
+        parallelism, a batch of 1) keeps the longest leading run of its axes that does divide it, and
+        stays whole when none does: activations are laid out for speed, never at the cost of an error
+        or padding. Weights are never relaxed (check_divisible raises)."""
+        spec = self.spec(names, f"activation {tuple(names)}")
+        fitted = []
+        for dim, target in zip(x.shape, tuple(spec) + (None,) * (x.ndim - len(spec))):
+            axes = _axes_of(target)
+            while axes and dim % _split(self.mesh, axes):
+                axes = axes[:-1]
+            fitted.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+        return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(*fitted)))
+
+    def gathers(self, names) -> bool:
+        """Whether a weight with these names is stored split over a batch axis (so reads gather it)."""
+        batch_axes = set(_axes_of(self.rules.get("batch")))
+        return any(a in batch_axes for n in names if n is not None for a in _axes_of(self.rules.get(n)))
+
+    def gathered(self, w, names):
+        """A weight as the computation reads it: dimensions split over a mesh axis that also splits the
+        batch (ZeRO-3 / FSDP storage sharding) are all-gathered; tensor-parallel splits stay. A no-op
+        (w itself) when no weight dimension uses a batch axis, as under megatron."""
+        batch_axes = set(_axes_of(self.rules.get("batch")))
+        spec = self.spec(names, f"weight {tuple(names)}")
+        kept = [tuple(a for a in _axes_of(t) if a not in batch_axes) for t in spec]
+        if all(len(k) == len(_axes_of(t)) for k, t in zip(kept, spec)):
+            return w
+        kept = [None if not k else k[0] if len(k) == 1 else k for k in kept]
+        return jax.lax.with_sharding_constraint(w, NamedSharding(self.mesh, P(*kept)))
 
     def state_shardings(self, state):
         """NamedShardings for an nnx.State whose Variables carry `out_sharding` logical names."""
@@ -154,15 +235,19 @@ class Layout:
 
 def check_divisible(where: str, names, shape, mesh, spec: P) -> None:
     for dim, (name, target) in enumerate(zip(names, spec)):
-        split = 1
-        for a in _axes_of(target):
-            split *= axis_size(mesh, a)
+        axes = _axes_of(target)
+        split = _split(mesh, axes)
         if shape[dim] % split:
             raise ValueError(
                 f"{where}: dimension {dim} (logical axis {name!r}, size {shape[dim]}) is not divisible by "
-                f"mesh axis {target!r} of size {split}; change the config or the mesh")
+                f"mesh axis {'+'.join(axes)!r} of size {split}; change the config or the mesh")
 
 
 def constrain(x, names, layout: Layout | None):
     """Identity without a layout, so modules also run unsharded on one device."""
     return x if layout is None else layout.constrain(x, names)
+
+
+def gathered(w, names, layout: Layout | None):
+    """A weight as computations read it (Layout.gathered); identity without a layout."""
+    return w if layout is None else layout.gathered(w, names)

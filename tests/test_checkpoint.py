@@ -16,7 +16,7 @@ from flax import nnx
 
 import jaxtp
 from jaxtp import checkpoint, data, train
-from conftest import batch_tokens, reference_losses
+from conftest import batch_tokens, reference_losses, subprocess_env
 
 pytestmark = pytest.mark.timeout(420)
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -106,7 +106,7 @@ ARGS = ["--model", "tiny", "--steps", "12", "--seq-len", "32", "--batch-size", "
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("kill") / "out"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = subprocess_env()
     p = subprocess.Popen([sys.executable, str(ROOT / "experiments" / "run.py"), *ARGS, "--mesh", "2x4",
                           "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     for line in p.stdout:

@@ -14,14 +14,14 @@ import pytest
 import jaxtp
 from jaxtp import checkpoint, data, train
 from jaxtp.distributed import free_port
-from conftest import reference_losses
+from conftest import reference_losses, subprocess_env
 
 pytestmark = pytest.mark.timeout(420)
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RUN = str(ROOT / "experiments" / "run.py")
 ARGS = ["--model", "tiny", "--mesh", "2x4", "--seq-len", "32", "--batch-size", "8", "--data", "synthetic",
         "--sample-len", "4", "--lean"]
-ENV = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+ENV = subprocess_env()
 
 
 @pytest.fixture(scope="module")

@@ -12,12 +12,13 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "experiments"))
 
 import run  # noqa: E402
+from conftest import subprocess_env  # noqa: E402
 
 pytestmark = pytest.mark.timeout(420)
 
 
 def run_cli(*args, timeout=400):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # run.py must fake devices itself
+    env = subprocess_env()  # run.py must fake devices itself
     return subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), *args], capture_output=True,
                           text=True, timeout=timeout, env=env)
 
