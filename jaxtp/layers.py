@@ -2,9 +2,17 @@
 
 Each parameter is an `nnx.Param` whose `out_sharding` metadata holds logical names such as
 ("embed", "heads", "head_dim"); `sharding.Layout` turns those into mesh placements. Activations are
-constrained only at block boundaries (after the attention output projection, after the MLP down
-projection, and on the residual stream) - exactly where Megatron places its all-reduces; the residual
-stream's own names (RESIDUAL) let a rules table add sequence parallelism or FSDP there.
+pinned only where a block's layout changes hands, each with a name tuple below:
+  RESIDUAL   the residual stream between blocks: the embedding's output, after the attention output
+             projection and the MLP down projection (where Megatron's all-reduces sit), after each add;
+  BLOCK_IN   what attention and the MLP read: every position of the normalised stream;
+  HEADS      q after RoPE and the attention output (column-parallel over heads), KV for k and v;
+  HIDDEN     the SwiGLU hidden activation (column-parallel over mlp).
+Under megatron these agree with what propagation finds anyway; they exist so that other tables work
+without touching a layer: sequence parallelism splits RESIDUAL's "act_seq" (the reduce-scatter lands on
+the projections' outputs, the all-gather on BLOCK_IN), and FSDP splits the weights' "embed", which the
+activations name "act_embed" instead. Weights are read through `gathered` (a no-op unless the table
+stores a weight split over a batch axis, i.e. ZeRO-3 / FSDP).
 
 Tensor names carry their shape: B batch, S query positions, T key positions, D model width,
 N query heads, K kv heads, G query heads per kv head, H head dim, F MLP hidden, V (padded) vocab.
@@ -12,6 +20,7 @@ N query heads, K kv heads, G query heads per kv head, H head dim, F MLP hidden, 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -21,12 +30,8 @@ from flax import nnx
 from .config import ModelConfig, to_dtype
 from .sharding import Layout, constrain, gathered
 
-# The residual stream has names of its own, so a rules table can place it apart from the weights
-# (FSDP splits the weights' "embed" over `fsdp` while the batch already uses it) and apart from
-# attention's sequence axis (sequence parallelism splits "act_seq" over `model` between blocks; the
-# KV cache and attention internals keep "seq").
 RESIDUAL = ("batch", "act_seq", "act_embed")
-BLOCK_IN = ("batch", "seq", "act_embed")  # what attention and the MLP read: every position (SP gathers here)
+BLOCK_IN = ("batch", "seq", "act_embed")
 KV = ("batch", "seq", "kv_heads", "head_dim")
 HEADS = ("batch", "seq", "heads", "head_dim")
 HIDDEN = ("batch", "seq", "mlp")
@@ -62,12 +67,13 @@ class Linear(nnx.Module):
 
             return quantized_einsum(self.quant_mode, self.equation, x, self.kernel[...], self.scale[...],
                                     self.compute_dtype)
+
         def matmul(x, w):
             w = gathered(w, self.names, self.layout).astype(self.compute_dtype)
             return jnp.einsum(self.equation, x.astype(self.compute_dtype), w)
 
         if self.layout is not None and self.layout.gathers(self.names):
-            matmul = jax.checkpoint(matmul)  # ZeRO-3: gather again in the backward instead of keeping it
+            matmul = jax.checkpoint(matmul)  # ZeRO-3: gather again in the backward rather than keep it
         return matmul(x, self.kernel[...])
 
 
@@ -119,11 +125,11 @@ class Attention(nnx.Module):
         D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
         self.layout, self.theta = layout, cfg.rope_theta
-        self.q = Linear("bsd,dnh->bsnh", (D, N, H), ("embed", "heads", "head_dim"), std=std, cfg=cfg, rngs=rngs, layout=layout)
-        self.k = Linear("bsd,dkh->bskh", (D, K, H), ("embed", "kv_heads", "head_dim"), std=std, cfg=cfg, rngs=rngs, layout=layout)
-        self.v = Linear("bsd,dkh->bskh", (D, K, H), ("embed", "kv_heads", "head_dim"), std=std, cfg=cfg, rngs=rngs, layout=layout)
-        self.o = Linear("bsnh,nhd->bsd", (N, H, D), ("heads", "head_dim", "embed"), std=out_std, cfg=cfg,
-                        rngs=rngs, layout=layout)
+        linear = functools.partial(Linear, cfg=cfg, rngs=rngs, layout=layout)
+        self.q = linear("bsd,dnh->bsnh", (D, N, H), ("embed", "heads", "head_dim"), std=std)
+        self.k = linear("bsd,dkh->bskh", (D, K, H), ("embed", "kv_heads", "head_dim"), std=std)
+        self.v = linear("bsd,dkh->bskh", (D, K, H), ("embed", "kv_heads", "head_dim"), std=std)
+        self.o = linear("bsnh,nhd->bsd", (N, H, D), ("heads", "head_dim", "embed"), std=out_std)
 
     def project_kv(self, x_BSD, positions_BS):
         """Keys (rotated) and values. Pinning their layout also pins their gradients', so replicated
@@ -148,10 +154,10 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, layout: Layout | None, rngs: nnx.Rngs):
         D, F = cfg.d_model, cfg.d_ff
         self.layout = layout
-        self.gate = Linear("bsd,df->bsf", (D, F), ("embed", "mlp"), std=cfg.init_std, cfg=cfg, rngs=rngs, layout=layout)
-        self.up = Linear("bsd,df->bsf", (D, F), ("embed", "mlp"), std=cfg.init_std, cfg=cfg, rngs=rngs, layout=layout)
-        self.down = Linear("bsf,fd->bsd", (F, D), ("mlp", "embed"), std=cfg.init_std / math.sqrt(2 * cfg.n_layers),
-                           cfg=cfg, rngs=rngs, layout=layout)
+        linear = functools.partial(Linear, cfg=cfg, rngs=rngs, layout=layout)
+        self.gate = linear("bsd,df->bsf", (D, F), ("embed", "mlp"), std=cfg.init_std)
+        self.up = linear("bsd,df->bsf", (D, F), ("embed", "mlp"), std=cfg.init_std)
+        self.down = linear("bsf,fd->bsd", (F, D), ("mlp", "embed"), std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
 
     def __call__(self, x_BSD):
         x_BSD = constrain(x_BSD, BLOCK_IN, self.layout)
@@ -188,12 +194,14 @@ class Embed(nnx.Module):
         self.quant_mode = None  # jaxtp.quant.cast: int8 table plus one scale per vocab row (`scale`)
 
     def __call__(self, tokens_BS):
+        # FSDP: gather whole rows before the lookup (XLA:CPU cannot partition a gather whose rows are split
+        # over the axis that also splits its indices' batch: it would replicate and re-partition).
+        table = gathered(self.table[...], self.table_names, self.layout)
         if self.quant_mode is not None:
             from .quant import int8_take
 
-            x_BSD = int8_take(self.table[...], self.scale[...], tokens_BS, self.compute_dtype)
+            x_BSD = int8_take(table, self.scale[...], tokens_BS, self.compute_dtype)
         else:
-            table = gathered(self.table[...], self.table_names, self.layout)
             x_BSD = jnp.take(table, tokens_BS, axis=0).astype(self.compute_dtype)
         # Reduce the vocab-parallel partial rows on every position, then lay the stream out as RESIDUAL.
         return constrain(constrain(x_BSD, BLOCK_IN, self.layout), RESIDUAL, self.layout)

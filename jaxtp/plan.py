@@ -4,7 +4,8 @@
 without devices. Parameter shapes and placements come from the model's own declarations
 (`abstract_model` + the rules table), so parameter and optimizer bytes are exact; activations and
 collectives follow what XLA compiles for this model, measured on XLA:CPU with fake devices and
-checked in tests/test_plan.py against `compiled.memory_analysis()` and the HLO. Formulas and their
+checked in tests/test_plan.py (megatron) and tests/test_strategies.py (megatron-sp, fsdp, fsdp-sp: every
+rules preset, `rules=`) against `compiled.memory_analysis()` and the HLO. Formulas and their
 sources: /work/shared/THEORY.md (B1-B8). Notation: B batch, S seq, T tokens, D d_model, F d_ff, N heads,
 K kv heads, H head dim, L layers, V (padded) vocab; a trailing `_l` means "per device" (local shard).
 
@@ -373,7 +374,9 @@ def _train_collectives(cfg, d: dict) -> list[dict]:
 
 
 def _decode_collectives(cfg, d: dict) -> list[dict]:
-    """One decode step (analytic, not compiler-checked): the forward all-reduces on [B, 1, D]."""
+    """One decode step (analytic, not compiler-checked): the forward all-reduces on [B, 1, D]; under FSDP
+    every weight is gathered once per step (decode reads every weight once). A single position cannot
+    split along the sequence, so sequence parallelism changes nothing here (Layout.constrain)."""
     L, D, n, act_b = cfg.L, cfg.D, d["n"], d["act_b"]
     B = d["B_l"]
     out = []
@@ -384,6 +387,14 @@ def _decode_collectives(cfg, d: dict) -> list[dict]:
             out.append(_coll("all-reduce", d["tp_axis"], n, L, L * B * D * act_b, "attention out-projection", True))
         if d["mlp_sharded"]:
             out.append(_coll("all-reduce", d["tp_axis"], n, L, L * B * D * act_b, "MLP down-projection", True))
+    if d["nf"] > 1:
+        blk = [i for i in d["infos"] if i.path.startswith("blocks/0/") and d["zero"](i) > 1]
+        rest = [i for i in d["infos"] if not i.path.startswith("blocks/") and d["zero"](i) > 1]
+        g = lambda i: i.local_bytes * d["zero"](i)
+        out.append(_coll("all-gather", d["zero_axis"], d["nf"], L * len(blk), L * sum(map(g, blk)),
+                         "block weights gathered", True))
+        out.append(_coll("all-gather", d["zero_axis"], d["nf"], len(rest), sum(map(g, rest)),
+                         "embedding table, final norm and head gathered", True))
     return out
 
 
@@ -537,7 +548,10 @@ def plan(cfg: ModelConfig | str, mesh, *, batch_size: int, seq_len: int, param_d
     {axis: size} dict; no devices are needed. param_dtype / compute_dtype default to the config's (the
     presets keep f32 master weights). batch_size is global, split over the data axis. remat: None or
     "full" (planned only: the model has no remat switch yet). optimizer: "adamw" (the Trainer's), "adam",
-    "sgd", "momentum", "lion" or an optax transformation.
+    "sgd", "momentum", "lion" or an optax transformation. rules: a preset name (megatron, megatron-sp,
+    fsdp, fsdp-sp) or a dict table, as Transformer.create takes; batch_size splits over every batch axis
+    (data+fsdp). hardware: its `forms_reduce_scatter` decides whether SP / ZeRO reductions are planned as
+    reduce-scatters (GPU/TPU presets) or as the all-reduces XLA:CPU emits.
     """
     cfg = ModelConfig.preset(cfg) if isinstance(cfg, str) else cfg
     changes = {k: str(jnp.dtype(to_dtype(v))) for k, v in

@@ -12,18 +12,22 @@ mesh axis, a tuple of mesh axes (the dimension splits over their product, e.g. b
 ("data", "fsdp")), or None.
 
 Presets (every one is a table, no layer knows which is in force; an axis of size 1 or absent from
-the mesh drops out, so each preset also runs on smaller meshes):
+the mesh drops out, so each preset also runs on smaller meshes; `resolve_rules` also takes a dict):
   megatron     Megatron TP: heads, kv heads, MLP hidden and vocab over `model`; batch over data+fsdp
                (on a mesh with an fsdp axis and this preset, fsdp is plain data parallelism).
   megatron-sp  + sequence parallelism (Korthikanti et al. 2022): the residual stream between blocks is
                split along the sequence over `model`, so norms and residual adds run on S/n positions and
-               each block-boundary all-reduce becomes a reduce-scatter (+ all-gather before the next
-               block's matmuls) where the compiler forms them.
+               each block-boundary all-reduce becomes a reduce-scatter, with an all-gather before the
+               next block's matmuls. XLA:CPU (jax 0.10.2) forms no reduce-scatter: it all-reduces and
+               keeps its slice (all-reduce + dynamic-slice), so on CPU SP moves more bytes, not fewer.
   fsdp         ZeRO-3 over `fsdp` composed with Megatron TP over `model`: every weight's embed axis
-               (and norm scales) is split over `fsdp`, so params, grads and Adam moments are all 1/fsdp
-               per device and XLA gathers each weight where it is used; batch over data+fsdp. On a mesh
-               with model=1 this is plain FSDP.
+               (norm scales included) is split over `fsdp`, so params, grads and Adam moments are 1/fsdp
+               per device; each weight is all-gathered where it is read (Layout.gathered) and the matmul
+               weights again in the backward; batch over data+fsdp. With model=1 this is plain FSDP.
   fsdp-sp      fsdp + sequence parallelism.
+A mesh axis that splits both the batch and a weight is a ZeRO axis: that is all `gathered` looks at, so
+a user table such as {**FSDP, "embed": ("data", "fsdp")} (ZeRO-3 over every data-parallel device) needs
+no other change.
 """
 from __future__ import annotations
 
@@ -167,7 +171,8 @@ def spec_for(names: Sequence[str | None], rules: Mapping, what: str = "array") -
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Layout:
-    """A mesh plus the rules resolved for one config. Layers hold one and ask it to constrain."""
+    """A mesh plus the rules resolved for one config. Layers hold one and ask it to pin activations
+    (`constrain`) and to read weights (`gathered`)."""
 
     mesh: jax.sharding.Mesh
     rules: dict
@@ -183,7 +188,7 @@ class Layout:
         return NamedSharding(self.mesh, self.spec(names, what))
 
     def constrain(self, x, names):
-        """Pin an activation's layout (used only at block boundaries, where Megatron's all-reduces sit).
+        """Pin an activation's layout (layers do so only where a block's layout changes hands).
 
         A dimension its mesh axes do not divide (a decode step's single position under sequence
         parallelism, a batch of 1) keeps the longest leading run of its axes that does divide it, and

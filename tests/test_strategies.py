@@ -1,13 +1,13 @@
 """Strategies as rules presets: megatron, megatron-sp (sequence parallel), fsdp (ZeRO-3) and fsdp-sp.
 
-One table change each, no layer change. Checked on 3-axis meshes (data, fsdp, model): the same logits,
-loss and gradients as the 1x1 mesh; fsdp halving per-device parameter and optimizer bytes; per-layer
-collectives read from the compiled train step and equal to jaxtp.plan's prediction; a few training
-steps with each preset; clear errors for bad tables and meshes.
+Switching strategy is a table change (Transformer.create(..., rules=NAME or dict)). Checked on 3-axis
+meshes (data, fsdp, model): the same logits, loss and gradients as the 1x1 mesh; fsdp halving
+per-device parameter and optimizer bytes; per-layer collectives read from the compiled train step and
+equal to jaxtp.plan's prediction; a few training steps with each preset; clear errors for bad tables.
 
-Every model is built once (module-scoped caches): a case's numbers come from one jitted
-value-and-grad, and its Trainer reuses the same model, so each (preset, mesh) costs one sharded init,
-one value-and-grad compile and, for the 2x2x2 training cases, one train-step compile plus a 1-layer one.
+Every model is built once (module-scoped caches) and measured before a Trainer takes it over: a case
+costs at most one sharded init and one value-and-grad compile; each preset's 2x2x2 training adds one
+train-step compile (whose HLO is the one inspected) and a 1-layer compile for the per-layer counts.
 """
 
 import math
@@ -30,8 +30,11 @@ B, S = 8, 16
 PRESETS = ("megatron", "megatron-sp", "fsdp", "fsdp-sp")
 PURE_FSDP = "data=1,fsdp=8,model=1"
 INVARIANCE = [("fsdp", "2x2x2"), ("fsdp", "1x2x4"), ("fsdp", "2x1x4"), ("fsdp", PURE_FSDP),
-              ("megatron-sp", "2x4"), ("megatron-sp", "1x2x4"),
-              ("megatron", "2x2x2"), ("megatron-sp", "2x2x2"), ("fsdp-sp", "2x2x2")]
+              ("megatron-sp", "2x4"), ("megatron-sp", "1x2x4"), ("fsdp-sp", "2x2x2")]
+# Cases whose parameters come from their own sharded init (and must be bit-identical to 1x1's). The
+# others place the 1x1 parameters instead: their weight layouts are ones checked here or in
+# tests/test_model.py (sequence parallelism moves activations only; fsdp=1 resolves to megatron).
+INIT_CHECKED = [("fsdp", "2x2x2"), ("fsdp", "1x2x4"), ("fsdp", PURE_FSDP), ("fsdp-sp", "2x2x2")]
 # Per layer (count with L=2 minus count with L=1) in the compiled train step on 2x2x2, XLA:CPU.
 PER_LAYER = {
     "megatron": {"all-reduce@model": 4},
@@ -59,16 +62,30 @@ def numbers(model, tokens) -> dict:
     return {"logits": np.asarray(logits), "loss": float(loss), "grads": flat(grads), "params": flat(params)}
 
 
+def placed(model, mesh, rules):
+    """`model`'s parameters on another mesh and table (what jaxtp.checkpoint.load does with a restore)."""
+    layout = jaxtp.Layout.create(model.cfg, mesh, rules)
+    graphdef, _ = nnx.split(jaxtp.abstract_model(model.cfg, layout))
+    state = nnx.state(model)
+    return nnx.merge(graphdef, jax.device_put(state, layout.state_shardings(state)))
+
+
 @pytest.fixture(scope="module")
 def cases(tiny):
-    """(preset, spec) -> {"mesh", "model", "numbers"}; the model is built once and measured first."""
+    """(preset, spec) -> {"mesh", "model", "numbers"}: the model is built once and, for the INVARIANCE
+    cases, measured at once (a Trainer made from it later donates its parameters)."""
     cache = {}
 
     def get(preset, spec):
         if (preset, spec) not in cache:
             mesh = jaxtp.make_mesh(spec)
-            model = jaxtp.Transformer.create(tiny, mesh, seed=0, rules=preset)
-            cache[preset, spec] = {"mesh": mesh, "model": model, "numbers": numbers(model, tokens_for(mesh))}
+            if (preset, spec) in INIT_CHECKED or spec == "1x1":
+                model = jaxtp.Transformer.create(tiny, mesh, seed=0, rules=preset)
+            else:  # the reference parameters, placed for this preset and mesh (saves a sharded init)
+                model = placed(get("megatron", "1x1")["model"], mesh, preset)
+            measured = (preset, spec) in INVARIANCE or spec == "1x1"
+            cache[preset, spec] = {"mesh": mesh, "model": model,
+                                   "numbers": numbers(model, tokens_for(mesh)) if measured else None}
         return cache[preset, spec]
 
     return get
@@ -95,7 +112,7 @@ def trained(tiny, cases, corpus):
             mesh, model = case["mesh"], case["model"]
             tc = TrainConfig(steps=3, batch_size=B, seq_len=S, warmup_steps=1)
             tr = Trainer.create(model, tc)
-            batches = [data.train_batch(corpus.train, mesh, B, S, 0, i) for i in range(tc.steps)]
+            batches = [data.train_batch(corpus.train, mesh, B, S, 0, 0)] * tc.steps  # one batch: loss must fall
             compiled = tr.step_fn.lower(tr.params, tr.opt_state, batches[0]).compile()
             tr.step_fn = compiled  # run exactly the executable whose HLO is inspected
             losses = [float(tr.train_step(b)["loss"]) for b in batches]
@@ -173,8 +190,7 @@ def test_fsdp2_halves_param_and_optimizer_bytes(tiny, cases):
     """1x2x4 (fsdp=2) against 1x1x4 (the same model axis, no fsdp), both under the fsdp preset."""
     got = {}
     for spec in ("1x2x4", "1x1x4"):
-        model = cases("fsdp", spec)["model"] if spec == "1x2x4" else \
-            jaxtp.Transformer.create(tiny, jaxtp.make_mesh(spec), rules="fsdp")
+        model = cases("fsdp", spec)["model"]
         tr = Trainer.create(model, TrainConfig(batch_size=B, seq_len=S))
         counters = sum(x.nbytes for x in jax.tree.leaves(tr.opt_state) if x.ndim == 0)  # step counts
         got[spec] = (shard_bytes(tr.params), shard_bytes(tr.opt_state) - counters, shard_bytes(tr.opt_state))
@@ -216,20 +232,21 @@ def test_planner_forms_reduce_scatter_where_the_backend_does(tiny):
 # --------------------------------------------------------------------------------------------- training
 
 def test_training_with_each_preset_gives_one_loss_curve(trained):
-    """3 AdamW steps on 2x2x2: every preset trains, and all four give the same losses (sharded Adam state
-    included), within float reordering."""
+    """3 AdamW steps on one batch, 2x2x2: every preset trains (the first step's learning rate is 0, the
+    second's is not, so the third loss is lower), and all four give the same losses - sharded Adam state
+    included - within float reordering."""
     curves = {p: trained(p)["losses"] for p in PRESETS}
     ref = np.array(curves["megatron"])
-    assert np.all(np.isfinite(ref)) and ref[-1] < ref[0]
+    assert np.all(np.isfinite(ref)) and ref[2] < ref[0] - 1e-3, ref
     for preset, losses in curves.items():
         np.testing.assert_allclose(losses, ref, rtol=1e-5, err_msg=preset)
 
 
 def test_adam_state_shards_like_params_under_fsdp(trained):
-    tr = trained("fsdp")
-    q = tr.trainer.params["blocks"][0]["attn"]["q"]["kernel"][...]
+    tr = trained("fsdp")["trainer"]
+    q = tr.params["blocks"][0]["attn"]["q"]["kernel"][...]
     assert q.sharding.spec == jax.sharding.PartitionSpec("fsdp", "model", None)
-    mu = [x for x in jax.tree.leaves(tr.trainer.opt_state) if getattr(x, "shape", None) == q.shape]
+    mu = [x for x in jax.tree.leaves(tr.opt_state) if getattr(x, "shape", None) == q.shape]
     assert mu and all(x.sharding.spec == q.sharding.spec for x in mu)
 
 
