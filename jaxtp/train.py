@@ -70,7 +70,7 @@ class Trainer:
     def create(cls, model: nnx.Module, tc: TrainConfig) -> "Trainer":
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         tx = make_optimizer(tc)
-        param_sh, opt_sh = state_shardings(params, tx, model)
+        param_sh, opt_sh = state_shardings(params, tx, getattr(model, "layout", None))
         opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
         return cls(graphdef, params, rest, opt_state, tx, make_train_step(graphdef, rest, tx, param_sh, opt_sh))
 
@@ -84,10 +84,9 @@ class Trainer:
         return nnx.merge(self.graphdef, self.params, self.rest)
 
 
-def state_shardings(params, tx, model):
+def state_shardings(params, tx, layout):
     """Shardings of the params and of the optimizer state: Adam moments shard exactly like their
     parameters (optax.tree_map_params pairs them); counters are replicated. Without a mesh: None."""
-    layout = getattr(model, "layout", None)
     if layout is None:
         return None, None
     replicated = NamedSharding(layout.mesh, P())
@@ -144,13 +143,8 @@ def compile_train_step(cfg, layout, tc: TrainConfig, batch_sharding):
     shardings = layout.state_shardings(params)
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
     tx = make_optimizer(tc)
-    param_sh, opt_sh = state_shardings(params, tx, _HasLayout(layout))
+    param_sh, opt_sh = state_shardings(params, tx, layout)
     opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                              jax.eval_shape(tx.init, params), opt_sh)
     batch = jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len + 1), jnp.int32, sharding=batch_sharding)
     return make_train_step(graphdef, rest, tx, param_sh, opt_sh).lower(params, opt_state, batch).compile()
-
-
-@dataclasses.dataclass
-class _HasLayout:
-    layout: object
