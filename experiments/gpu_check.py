@@ -1,0 +1,263 @@
+"""One prepared GPU check, sized for a single H200 in under 8 minutes including compiles.
+
+    python experiments/gpu_check.py            # the 1b preset; JSON to --out, else $OUT/gpu_check.json
+    python experiments/gpu_check.py --tiny     # the same code path with the tiny preset: a CPU smoke test
+
+(a) train: the `1b` preset (Llama-3.2-1B shapes: V=128256, D=2048, L=16, N=32, K=8, F=8192) with f32
+    master weights and Adam state, bf16 compute, on a 1x1 mesh at --batch x --seq-len (default 2 x 2048:
+    jaxtp.plan predicts 64 GiB per device, 4 x 2048 110 GiB of the H200's 141 GB, since the attention
+    scores are materialised). Trace+lower and XLA compile are timed apart, before the first execution;
+    then the median of --steps steps after --warmup warm-up steps, tokens/s, and MFU against the
+    datasheet dense bf16 peak of --hardware (jaxtp.plan.HARDWARE) and, for reference, against a bf16
+    matmul peak measured here (--peak-n cubed). XLA's memory analysis is reported beside the plan's.
+(b) decode: greedy generation at batch 1 (--prompt-len prompt + --new-tokens new) with bf16 weights
+    (jaxtp.cast of the model from (a)) and int8 weight-only weights (jaxtp.cast of that bf16 model, so
+    norms and compute dtype are the same and only the matmul weights differ). One warm-up call each
+    (compiles), then --decode-repeats timed calls alternating between the two; median decode tokens/s
+    and the int8/bf16 ratio (target >= 1.6).
+
+A part that fails (out of memory, say) is recorded as its `error` and the other part still runs; the
+JSON is rewritten after each part, and the exit status is 1 if a part failed. Uses only jaxtp's own
+dependencies (jax, flax, optax, numpy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402  (imported, not initialised: the memory fraction below can still be set)
+import jax.numpy as jnp  # noqa: E402
+import jaxtp  # noqa: E402
+from jaxtp import data, train  # noqa: E402
+from jaxtp.measure import matmul_peak_flops  # noqa: E402
+
+DECODE_TARGET = 1.6  # int8 / bf16 decode tokens/s, at least
+GiB = 2 ** 30
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", "--dry-run", action="store_true",
+                   help="tiny preset and small shapes: runs the same code path on CPU in seconds")
+    p.add_argument("--batch", type=int, help="train: global batch (default 2; --tiny 4)")
+    p.add_argument("--seq-len", type=int, help="train: tokens per sequence (default 2048; --tiny 64)")
+    p.add_argument("--warmup", type=int, default=3, help="train: warm-up steps, the first included (default 3)")
+    p.add_argument("--steps", type=int, default=10, help="train: timed steps (default 10)")
+    p.add_argument("--prompt-len", type=int, help="decode: prompt tokens (default 128; --tiny 16)")
+    p.add_argument("--new-tokens", type=int, help="decode: generated tokens (default 256; --tiny 16)")
+    p.add_argument("--decode-repeats", type=int, default=3, help="decode: timed calls per precision (default 3)")
+    p.add_argument("--hardware", default="h200", help="datasheet peak for MFU, from jaxtp.plan.HARDWARE (default h200)")
+    p.add_argument("--peak-n", type=int, help="measured bf16 matmul peak: n x n x n (default 8192; --tiny 256)")
+    p.add_argument("--out", help="JSON path (default: $OUT/gpu_check.json when $OUT is set, else none)")
+    args = p.parse_args(argv)
+    tiny = args.tiny
+    args.batch = args.batch or (4 if tiny else 2)
+    args.seq_len = args.seq_len or (64 if tiny else 2048)
+    args.prompt_len = args.prompt_len or (16 if tiny else 128)
+    args.new_tokens = args.new_tokens or (16 if tiny else 256)
+    args.peak_n = args.peak_n or (256 if tiny else 8192)
+    if jaxtp.HARDWARE.get(args.hardware) is None:
+        p.error(f"--hardware must be a datasheet preset: one of {sorted(k for k, v in jaxtp.HARDWARE.items() if v)}")
+    if args.warmup < 1 or args.steps < 1 or args.decode_repeats < 1:
+        p.error("--warmup, --steps and --decode-repeats must be >= 1")
+    if args.out is None and os.environ.get("OUT"):
+        args.out = os.path.join(os.environ["OUT"], "gpu_check.json")
+    return args
+
+
+def model_config(args):
+    """The 1b preset (f32 masters, bf16 compute), or tiny with bf16 compute for --tiny."""
+    if args.tiny:
+        return jaxtp.ModelConfig.preset("tiny", compute_dtype="bfloat16")
+    return jaxtp.ModelConfig.preset("1b")
+
+
+# ------------------------------------------------------------------------------------------- train
+
+def timed_step(trainer, batch) -> tuple[float, float]:
+    """(seconds, loss) of one step, until params, optimizer state and metrics are ready."""
+    t = time.perf_counter()
+    metrics = trainer.train_step(batch)
+    jax.block_until_ready((trainer.params, trainer.opt_state, metrics))
+    return time.perf_counter() - t, float(metrics["loss"])
+
+
+def compile_timed(trainer, batch) -> dict:
+    """Trace+lower and XLA compile of the step, timed apart; the jit call later reuses this executable."""
+    t0 = time.perf_counter()
+    lowered = trainer.step_fn.lower(trainer.params, trainer.opt_state, batch)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    m = compiled.memory_analysis()
+    memory = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0) for k in ("argument", "output", "alias", "temp")}
+    memory["total"] = memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
+    return dict(trace_lower_s=t1 - t0, xla_compile_s=t2 - t1, compile_s=t2 - t0, memory_per_device=memory)
+
+
+def train_check(cfg, mesh, args) -> tuple[dict, object]:
+    """Part (a); returns its results and the model (for part (b))."""
+    hw = jaxtp.HARDWARE[args.hardware]
+    B, S = args.batch, args.seq_len
+    out = dict(batch=B, seq_len=S, tokens_per_step=B * S, params=cfg.param_count(),
+               predicted_memory_per_device=jaxtp.plan(cfg, mesh, batch_size=B, seq_len=S,
+                                                      hardware=hw).memory["total"])
+    measured_peak = matmul_peak_flops(args.peak_n, repeats=10, dtype=jnp.bfloat16)
+    t = time.perf_counter()
+    model = jaxtp.Transformer.create(cfg, mesh, seed=0)
+    trainer = train.Trainer.create(model, train.TrainConfig(batch_size=B, seq_len=S))
+    jax.block_until_ready((trainer.params, trainer.opt_state))
+    out["init_s"] = time.perf_counter() - t
+    corpus = data.load_corpus("synthetic")
+    batch = lambda: data.train_batch(corpus.train, mesh, B, S, 0, trainer.step)
+    out.update(compile_timed(trainer, batch()))
+    progress(f"train step compiled in {out['compile_s']:.1f} s")
+    out["first_step_s"], _ = timed_step(trainer, batch())
+    for _ in range(args.warmup - 1):
+        timed_step(trainer, batch())
+    runs = [timed_step(trainer, batch()) for _ in range(args.steps)]
+    step_s = statistics.median(s for s, _ in runs)
+    flops = train.train_flops_per_step(cfg, B, S)
+    out.update(step_s_median=step_s, step_times_s=[s for s, _ in runs], final_loss=runs[-1][1],
+               tokens_per_s=B * S / step_s, flops_per_step=flops, flops_per_s=flops / step_s,
+               peak_flops_per_s=hw.flops_per_s, peak_source=f"{hw.name} dense bf16, {hw.source}",
+               mfu=flops / step_s / hw.flops_per_s, measured_peak_flops_per_s=measured_peak,
+               measured_peak_what=f"bf16 {args.peak_n}^3 matmul, median of 10",
+               mfu_vs_measured=flops / step_s / measured_peak)
+    return out, trainer.model
+
+
+# ------------------------------------------------------------------------------------------ decode
+
+def generate_timed(model, prompt, new_tokens: int) -> dict:
+    stats = {}
+    jaxtp.generate(model, prompt, new_tokens, temperature=0.0, stats=stats)
+    return stats
+
+
+def decode_check(model, args) -> dict:
+    """Part (b): batch-1 greedy decode, bf16 vs int8 weight-only, timed calls alternating."""
+    prompt = np.random.default_rng(0).integers(0, model.cfg.vocab_size, (1, args.prompt_len), dtype=np.int32)
+    bf16 = jaxtp.cast(model, "bf16")
+    models = {"bf16": bf16, "int8": jaxtp.cast(bf16, "int8")}
+    out = {}
+    for name, m in models.items():
+        t = time.perf_counter()
+        generate_timed(m, prompt, args.new_tokens)  # compiles prefill and the decode step
+        out[name] = dict(first_call_s=time.perf_counter() - t,
+                         param_bytes_per_device=jaxtp.param_table(m).bytes_per_device)
+    runs = {name: [] for name in models}
+    for _ in range(args.decode_repeats):
+        for name, m in models.items():
+            runs[name].append(generate_timed(m, prompt, args.new_tokens))
+    for name, stats in runs.items():
+        out[name].update(decode_tok_s=statistics.median(s["decode_tokens"] / s["decode_s"] for s in stats),
+                         decode_step_ms=statistics.median(1e3 * s["decode_s"] / max(s["decode_steps"], 1) for s in stats),
+                         prefill_tok_s=statistics.median(s["prefill_tokens"] / s["prefill_s"] for s in stats))
+    ratio = out["int8"]["decode_tok_s"] / out["bf16"]["decode_tok_s"]
+    out.update(batch=1, prompt_len=args.prompt_len, new_tokens=args.new_tokens, int8_over_bf16=ratio,
+               target=f">= {DECODE_TARGET}", status="PASS" if ratio >= DECODE_TARGET else "MISS")
+    return out
+
+
+# -------------------------------------------------------------------------------------------- main
+
+START = time.perf_counter()  # reset by main()
+
+
+def progress(msg: str) -> None:
+    print(f"[{time.perf_counter() - START:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def attempt(results: dict, key: str, fn, *args):
+    """fn(*args), or None after recording results[key] = {'error': ...}: one part failing (out of memory,
+    say) must not lose the other part's numbers."""
+    progress(f"{key} ...")
+    try:
+        value = fn(*args)
+    except Exception as e:  # noqa: BLE001
+        results[key] = {"error": f"{type(e).__name__}: {e}"[:2000]}
+        progress(f"{key} failed: {results[key]['error'][:300]}")
+        return None
+    progress(f"{key} done")
+    return value
+
+
+def write(results: dict, path: str | None) -> None:
+    if path:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+
+
+def summary(results: dict) -> str:
+    cfg, tr, dec = results["config"], results.get("train", {}), results.get("decode", {})
+    lines = [f"gpu_check: {results['meta']['devices']} x {results['meta']['device_kind']}, jax {results['meta']['jax']}"]
+    if "error" in tr:
+        lines.append(f"train: ERROR {tr['error'][:300]}")
+    elif tr:
+        lines += [f"train {results['meta']['preset']} ({tr['params']:,} params), f32 Adam masters, "
+                  f"{cfg['compute_dtype']} compute, B={tr['batch']} S={tr['seq_len']} on 1x1:",
+                  f"  compile {tr['compile_s']:.1f} s (trace+lower {tr['trace_lower_s']:.1f} + XLA "
+                  f"{tr['xla_compile_s']:.1f}), first step {tr['first_step_s']:.2f} s",
+                  f"  step {tr['step_s_median'] * 1e3:.1f} ms (median of {len(tr['step_times_s'])}), "
+                  f"{tr['tokens_per_s']:,.0f} tok/s, {tr['flops_per_s'] / 1e12:.3g} TFLOP/s",
+                  f"  MFU {tr['mfu']:.1%} of {tr['peak_flops_per_s'] / 1e12:.0f} TFLOP/s ({tr['peak_source']}); "
+                  f"{tr['mfu_vs_measured']:.1%} of measured {tr['measured_peak_flops_per_s'] / 1e12:.3g} TFLOP/s "
+                  f"({tr['measured_peak_what']})",
+                  f"  memory/device: XLA {tr['memory_per_device']['total'] / GiB:.3g} GiB "
+                  f"(temp {tr['memory_per_device']['temp'] / GiB:.3g}), plan predicted "
+                  f"{tr['predicted_memory_per_device'] / GiB:.3g} GiB"]
+    if "error" in dec:
+        lines.append(f"decode: ERROR {dec['error'][:300]}")
+    elif dec:
+        lines += [f"decode batch 1, prompt {dec['prompt_len']} + {dec['new_tokens']} new, greedy:"] + [
+            f"  {p}: {dec[p]['decode_tok_s']:,.0f} tok/s ({dec[p]['decode_step_ms']:.2f} ms/token), "
+            f"weights {dec[p]['param_bytes_per_device'] / GiB:.3g} GiB, first call {dec[p]['first_call_s']:.1f} s"
+            for p in ("bf16", "int8")]
+        lines.append(f"  int8/bf16 {dec['int8_over_bf16']:.2f} (target {dec['target']}): {dec['status']}")
+    lines.append(f"total {results['total_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    global START
+    START = time.perf_counter()
+    args = parse_args(argv)
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.95")  # before the GPU backend starts
+    cfg = model_config(args)
+    mesh = jaxtp.make_mesh("1x1")
+    device = jax.devices()[0]
+    results = {"meta": dict(jax=jax.__version__, python=platform.python_version(), backend=jax.default_backend(),
+                            devices=len(jax.devices()), device_kind=device.device_kind,
+                            preset="tiny" if args.tiny else "1b", args=vars(args)),
+               "config": cfg.to_dict()}
+    progress(f"{results['meta']['device_kind']}, jax {jax.__version__}")
+    trained = attempt(results, "train", train_check, cfg, mesh, args)
+    if trained:
+        results["train"], model = trained
+    else:
+        model = jaxtp.Transformer.create(cfg, mesh, seed=0)
+    write(results, args.out)
+    decoded = attempt(results, "decode", decode_check, model, args)
+    if decoded:
+        results["decode"] = decoded
+    results["total_s"] = time.perf_counter() - START
+    write(results, args.out)
+    print(summary(results))
+    return results
+
+
+if __name__ == "__main__":
+    res = main()
+    sys.exit(1 if any("error" in res.get(k, {}) for k in ("train", "decode")) else 0)
