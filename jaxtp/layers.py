@@ -73,24 +73,34 @@ class Linear(nnx.Module):
                                     self.compute_dtype)
 
         def matmul(x, w):
-            w = gathered(w, self.names, self.layout).astype(self.compute_dtype)
-            return matmul_2d(x.astype(self.compute_dtype), w, self.contract)
+            return matmul_rows(x.astype(self.compute_dtype), self.read(w), self.contract)
 
         if self.layout is not None and self.layout.gathers(self.names):
             matmul = jax.checkpoint(matmul)  # ZeRO-3: gather again in the backward rather than keep it
         return matmul(x, self.kernel[...])
 
+    def read(self, w=None):
+        """The kernel as the matmul reads it: gathered where stored split over a batch axis, in the
+        compute dtype."""
+        w = self.kernel[...] if w is None else w
+        return gathered(w, self.names, self.layout).astype(self.compute_dtype)
 
-def matmul_2d(x, w, contract: int):
-    """x's trailing `contract` axes times w's leading ones, as one [rows, in] @ [in, out] matmul.
+    def fusable(self) -> bool:
+        """Whether this kernel may be stacked with its siblings' into one matmul (float, no ZeRO gather)."""
+        return self.quant_mode is None and (self.layout is None or not self.layout.gathers(self.names))
 
-    The same result as the einsum, but XLA:CPU runs 2-D dots (and their transposes in the backward)
-    on its fast path, while a weight gradient that contracts (batch, seq) of a 3-D activation gets a
-    strided transposing copy first: the 2-D form made the D256/F1024 train step ~1.8x faster.
-    Merging leading axes keeps their sharding (batch over data stays the rows' major split)."""
-    lead, k_in, k_out = x.shape[: x.ndim - contract], w.shape[:contract], w.shape[contract:]
-    y = x.reshape(math.prod(lead), math.prod(k_in)) @ w.reshape(math.prod(k_in), math.prod(k_out))
-    return y.reshape(*lead, *k_out)
+
+def matmul_rows(x, w, contract: int):
+    """x's trailing `contract` axes times w's leading ones, with x's other axes flattened into rows.
+
+    The same result as the einsum, but XLA:CPU then runs each dot and its backward on its fast path: a
+    weight gradient contracting (batch, seq) of a 3-D activation got a strided transposing copy first
+    (the D256/F1024 train step ran 1.25x slower). The leading axes merge into rows (batch over data stays
+    their major split); w's output axes stay apart, so a stacked kernel [D, 2, F] keeps F's split local."""
+    lead, k_in = x.shape[: x.ndim - contract], w.shape[:contract]
+    w_IO = w.reshape(math.prod(k_in), *w.shape[contract:])
+    y = jax.lax.dot_general(x.reshape(math.prod(lead), math.prod(k_in)), w_IO, (((1,), (0,)), ((), ())))
+    return y.reshape(*lead, *w.shape[contract:])
 
 
 class RMSNorm(nnx.Module):
@@ -153,19 +163,46 @@ class Attention(nnx.Module):
         k_BSKH = constrain(rope(self.k(x_BSD), positions_BS, self.theta), KV, self.layout)
         return k_BSKH, constrain(self.v(x_BSD), KV, self.layout)
 
+    def fused(self) -> bool:
+        """q, k and v run as one matmul when their kernels are float and split the same way."""
+        same_split = self.layout is None or self.layout.rules["heads"] == self.layout.rules["kv_heads"]
+        return same_split and all(lin.fusable() for lin in (self.q, self.k, self.v))
+
+    def project_qkv(self, x_BSD, positions_BS):
+        """q, k, v of x. Fused, the kernels are stacked per kv head into [D, K, G+2, H] (q's G heads of
+        each group, then k, then v; the split axis K stays whole per device): one matmul whose backward
+        adds the three input gradients before the model-axis all-reduce (XLA:CPU does not reassociate
+        all-reduce(a) + all-reduce(b)), so the backward moves D per position once instead of 3 times."""
+        if not self.fused():
+            q_BSNH = constrain(rope(self.q(x_BSD), positions_BS, self.theta), HEADS, self.layout)
+            return (q_BSNH, *self.project_kv(x_BSD, positions_BS))
+        wq_DNH, wk_DKH, wv_DKH = self.q.read(), self.k.read(), self.v.read()
+        (D, N, H), K = wq_DNH.shape, wk_DKH.shape[1]
+        G = N // K
+        w_DKCH = jnp.concatenate([wq_DNH.reshape(D, K, G, H), wk_DKH[:, :, None], wv_DKH[:, :, None]], axis=2)
+        y_BSKCH = matmul_rows(x_BSD.astype(w_DKCH.dtype), w_DKCH, 1)
+        B, S = x_BSD.shape[:2]
+        q_BSNH = constrain(rope(y_BSKCH[..., :G, :].reshape(B, S, N, H), positions_BS, self.theta), HEADS,
+                           self.layout)
+        k_BSKH = constrain(rope(y_BSKCH[..., G, :], positions_BS, self.theta), KV, self.layout)
+        return q_BSNH, k_BSKH, constrain(y_BSKCH[..., G + 1, :], KV, self.layout)
+
     def __call__(self, x_BSD, positions_BS, kv=None, k_pos_BT=None, k_valid_BT=None):
         """Self-attention over x; or, with `kv`=(k_BTKH, v_BTKH) from a cache, over those keys."""
         x_BSD = constrain(x_BSD, BLOCK_IN, self.layout)
-        q_BSNH = constrain(rope(self.q(x_BSD), positions_BS, self.theta), HEADS, self.layout)
         if kv is None:
-            kv, k_pos_BT = self.project_kv(x_BSD, positions_BS), positions_BS
+            q_BSNH, *kv = self.project_qkv(x_BSD, positions_BS)
+            k_pos_BT = positions_BS
+        else:
+            q_BSNH = constrain(rope(self.q(x_BSD), positions_BS, self.theta), HEADS, self.layout)
         out_BSNH = attend(q_BSNH, kv[0], kv[1], positions_BS, k_pos_BT, k_valid_BT)
         out_BSNH = constrain(out_BSNH, HEADS, self.layout)
         return constrain(self.o(out_BSNH), RESIDUAL, self.layout)
 
 
 class MLP(nnx.Module):
-    """SwiGLU: gate and up column-parallel over `mlp` (separate weights, never a fused split), down row-parallel."""
+    """SwiGLU: gate and up column-parallel over `mlp` (separate weights, stacked on a new axis for one matmul,
+    never a fused split of the sharded axis), down row-parallel."""
 
     def __init__(self, cfg: ModelConfig, layout: Layout | None, rngs: nnx.Rngs):
         D, F = cfg.d_model, cfg.d_ff
@@ -177,7 +214,15 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BSD):
         x_BSD = constrain(x_BSD, BLOCK_IN, self.layout)
-        h_BSF = constrain(jax.nn.silu(self.gate(x_BSD)) * self.up(x_BSD), HIDDEN, self.layout)
+        if self.gate.fusable() and self.up.fusable():
+            # One matmul for gate and up, stacked on a new unsharded axis: the backward adds their input
+            # gradients before the model-axis all-reduce (see Attention.project_qkv).
+            w_DCF = jnp.stack([self.gate.read(), self.up.read()], axis=1)
+            y_BSCF = matmul_rows(x_BSD.astype(w_DCF.dtype), w_DCF, 1)
+            gate_BSF, up_BSF = y_BSCF[..., 0, :], y_BSCF[..., 1, :]
+        else:
+            gate_BSF, up_BSF = self.gate(x_BSD), self.up(x_BSD)
+        h_BSF = constrain(jax.nn.silu(gate_BSF) * up_BSF, HIDDEN, self.layout)
         return constrain(self.down(h_BSF), RESIDUAL, self.layout)
 
 

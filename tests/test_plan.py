@@ -157,9 +157,11 @@ def test_comm_bound_ratio_and_warning():
     p70 = jaxtp.plan("70b", "1x8", batch_size=8, seq_len=4096, hardware="h100")
     assert p70.time["comm_bound_ratio_megatron"] == pytest.approx(11.88 / 7, rel=0.01)
     p7 = jaxtp.plan("7b", "1x8", batch_size=8, seq_len=4096, hardware="h100")
-    assert p7.comm_bound and any("communication-bound" in w for w in p7.warnings)
+    assert p7.time["comm_bound_ratio_megatron"] < 1  # by Megatron's formula; ours is near 1 (fused q/k/v, gate/up)
+    assert 0.8 < p7.comm_bound_ratio < 1.5
     p7x = jaxtp.plan("7b", "1x16", batch_size=8, seq_len=4096, hardware="h100")
     assert p7x.comm_bound_ratio < p7.comm_bound_ratio / 5
+    assert p7x.comm_bound and any("communication-bound" in w for w in p7x.warnings)
     p1 = jaxtp.plan("7b", "8x1", batch_size=8, seq_len=4096, hardware="h100")
     assert p1.comm_bound_ratio is None and not p1.comm_bound
 
