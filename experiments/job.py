@@ -67,7 +67,8 @@ class TrainingJob:
         print(f"{self.cfg.n_layers} layers, d_model {self.cfg.d_model}, {self.cfg.n_heads} heads "
               f"({self.cfg.n_kv_heads} kv), d_ff {self.cfg.d_ff}, vocab {self.cfg.vocab_size} -> "
               f"{table.total_params:,} parameters")
-        per_block = [r for r in table.rows if r.path.startswith("blocks/0/")]
+        per_block = [r for r in table.rows  # a scanned model's one block holds every layer's params, stacked
+                     if r.path.startswith("blocks/" if self.cfg.scan_layers else "blocks/0/")]
         others = [r for r in table.rows if not r.path.startswith("blocks/")]
         for r in per_block + others:
             print(f"  {r.path:28s} {str(r.spec):26s} {'x'.join(map(str, r.shape)):>10s} -> "
@@ -126,13 +127,19 @@ class TrainingJob:
         print("  whole step:")
         for k, v in total.items():
             print(f"    {k:26s} x{v['count']}  {fmt_bytes(v['bytes'])}")
-        if self.lean:
+        if self.cfg.scan_layers:  # the scanned block's loop bodies (forward, backward) appear once: per layer
+            bodies = "\n".join(jaxtp.hlo.loop_bodies(compiled.as_text()))
+            per = jaxtp.hlo.parse_collectives(bodies, self.mesh).summary()
+            how = "in the scanned layers' loop bodies"
+        elif self.lean:
             return
-        compiled_one_layer = train.compile_train_step(
-            self.cfg.replace(n_layers=1), self.model.layout, tc, data.batch_sharding(self.mesh))
-        per = measure.per_layer(total, measure.collectives_of(compiled_one_layer, self.mesh), self.cfg.n_layers)
+        else:
+            compiled_one_layer = train.compile_train_step(
+                self.cfg.replace(n_layers=1), self.model.layout, tc, data.batch_sharding(self.mesh))
+            per = measure.per_layer(total, measure.collectives_of(compiled_one_layer, self.mesh), self.cfg.n_layers)
+            how = "count with L layers minus count with 1 layer, / (L-1)"
         self.report["collectives_per_layer"] = per
-        print("  per layer (count with L layers minus count with 1 layer, / (L-1)):")
+        print(f"  per layer ({how}):")
         for k, v in per.items():
             print(f"    {k:26s} x{v['count']}  {fmt_bytes(v['bytes'])}")
 

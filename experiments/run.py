@@ -47,6 +47,12 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed for parameters and batches (default 0)")
     p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="matmul/activation dtype; parameters stay float32 masters (default float32 on CPU)")
+    p.add_argument("--scan-layers", action="store_true",
+                   help="stack the blocks' parameters on a 'layers' axis and run them with one lax.scan "
+                        "(compile time independent of depth)")
+    p.add_argument("--remat", default="none", choices=list(jaxtp.config.REMAT_CHOICES),
+                   help="per-block rematerialisation: none, full (recompute the block in the backward), dots "
+                        "(keep projection outputs, recompute attention) (default none)")
     p.add_argument("--out", default=None, help="output directory (default runs/<timestamp>)")
     p.add_argument("--force", action="store_true", help="reuse an --out directory that holds another run")
     p.add_argument("--checkpoint-every", type=int, default=0, metavar="N",
@@ -159,7 +165,7 @@ def run(args) -> int:
         fail(f"--steps must be a positive integer, got {steps}")
     if not lr > 0:
         fail(f"--lr must be > 0, got {lr}")
-    cfg = jaxtp.ModelConfig.preset(args.model)
+    cfg = jaxtp.ModelConfig.preset(args.model, scan_layers=args.scan_layers, remat=args.remat)
     if args.plan:
         from jaxtp.plan import HARDWARE, format_plan
 

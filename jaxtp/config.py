@@ -11,6 +11,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+REMAT_CHOICES = ("none", "full", "dots")  # what each keeps: jaxtp.model.REMAT_POLICIES
 DTYPES = {"float32": jnp.float32, "f32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 
 
@@ -40,6 +41,8 @@ class ModelConfig:
     rope_theta: float = 10_000.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    remat: str = "none"  # per-block rematerialisation in the backward: none | full | dots
+    scan_layers: bool = False  # one Block with params stacked on a leading "layers" axis, run by lax.scan
 
     def __post_init__(self):
         for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
@@ -58,6 +61,10 @@ class ModelConfig:
                 "(grouped-query attention shares each kv head among n_heads/n_kv_heads query heads)")
         to_dtype(self.param_dtype)
         to_dtype(self.compute_dtype)
+        if self.remat not in REMAT_CHOICES:
+            raise ValueError(f"ModelConfig.remat must be one of {', '.join(REMAT_CHOICES)}; got {self.remat!r}")
+        if not isinstance(self.scan_layers, bool):
+            raise ValueError(f"ModelConfig.scan_layers must be True or False, got {self.scan_layers!r}")
 
     # Formula-letter aliases (THEORY.md notation).
     D = property(lambda self: self.d_model)

@@ -12,6 +12,11 @@ Conventions (where the design left a choice):
   ``("batch", "seq", "kv_heads", "head_dim")``, placed by the model's ``layout`` (batch over
   ``data``, kv heads over ``model``, or replicated when the rules resolve kv heads to None).
   ``T = S + max_new_tokens`` (or ``cache_len``); slot t of row b holds position ``t - offset_b``.
+  A scanned model (``ModelConfig.scan_layers``) keeps one stacked K and one V ``[L, B, T, K, H]``
+  (``"layers"`` first, kept whole) and runs prefill and decode as one ``lax.scan`` over its layers, the
+  caches in the scan carry: the decode step writes layer i's new position in place at ``[i, :, slot]``.
+  (Indexing layer i of the stacked weights from a Python loop would work too, but re-unrolls the graph the
+  scan exists to keep small.)
 * **Prefill** runs the whole prompt in one pass and writes slots ``0..S-1``; the **decode step**
   writes slot ``S + i - 1``, attends over the cache (unwritten slots are in the future, so causal
   masking by position hides them), and samples. Its shapes depend only on ``(B, T)``, so it compiles
@@ -43,9 +48,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from .model import LAYERS, layer, scan_blocks
 from .sharding import constrain
 
 CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
+STACKED_CACHE_AXES = (LAYERS,) + CACHE_AXES  # a scanned model's caches: one [L, B, T, K, H] array each
 RESIDUAL = ("batch", "seq", "act_embed")  # the residual stream, its positions whole (decode: 1)
 TOKENS = ("batch", "seq")
 ROWS = ("batch",)
@@ -125,20 +132,26 @@ def _check_sampling(temperature, top_k, top_p):
 
 # ------------------------------------------------------------------------------------ cached forward
 
-def _blocks_forward(model, x_BSD, positions_BS, write_kv):
-    """Walk the blocks as Block.__call__ does, but attend over K/V that `write_kv` puts in the cache."""
+def _blocks_forward(model, x_BSD, positions_BS, caches, write_kv):
+    """Walk the blocks as Block.__call__ does, but attend over K/V that `write_kv` puts in the cache.
+
+    `write_kv(i, caches, k_new, v_new) -> ((k, v) to attend over, k_valid_BT, k_pos_BT, caches, y)`; the
+    caches ride in the scan carry (updated in place under donation) and the y's are stacked like scan
+    outputs (prefill builds its caches that way). Returns (final hidden, caches, ys)."""
     layout = model.layout
-    caches = []
-    for i, block in enumerate(model.blocks):
+
+    def step(block, carry, i):
+        x_BSD, caches = carry
         h_BSD = block.attn_norm(x_BSD)
         k_new, v_new = block.attn.project_kv(h_BSD, positions_BS)
-        kv, k_valid_BT, k_pos_BT, cache = write_kv(i, k_new, v_new)
-        caches.append(cache)
+        kv, k_valid_BT, k_pos_BT, caches, y = write_kv(i, caches, k_new, v_new)
         x_BSD = x_BSD + block.attn(h_BSD, positions_BS, kv=kv, k_pos_BT=k_pos_BT, k_valid_BT=k_valid_BT)
         x_BSD = constrain(x_BSD, RESIDUAL, layout)
         x_BSD = x_BSD + block.mlp(block.mlp_norm(x_BSD))
-        x_BSD = constrain(x_BSD, RESIDUAL, layout)
-    return model.final_norm(x_BSD), caches
+        return (constrain(x_BSD, RESIDUAL, layout), caches), y
+
+    (x_BSD, caches), ys = scan_blocks(model, step, (x_BSD, caches))
+    return model.final_norm(x_BSD), caches, ys
 
 
 def _key_positions(offset_B, T: int):
@@ -148,39 +161,56 @@ def _key_positions(offset_B, T: int):
 
 
 def _prefill(graphdef, state, tokens_BS, offset_B, cache_len: int):
-    """Run the (left-aligned) prompt once; return per-layer caches [B, T, K, H] and the last logits [B, V]."""
+    """Run the (left-aligned) prompt once; return the caches and the last logits [B, V].
+
+    Caches: per layer a (k, v) pair of [B, T, K, H] arrays, or for a scanned model one stacked pair
+    [L, B, T, K, H] (the scan's outputs)."""
     TRACES["prefill"] += 1
     model = nnx.merge(graphdef, state)
     B, S = tokens_BS.shape
     positions_BS, valid_BS = _key_positions(offset_B, S)
 
-    def write_kv(i, k_BSKH, v_BSKH):
+    def write_kv(i, caches, k_BSKH, v_BSKH):
         def put(new):
             empty = jnp.zeros((B, cache_len) + new.shape[2:], new.dtype)
             return constrain(jax.lax.dynamic_update_slice(empty, new, (0, 0, 0, 0)), CACHE_AXES, model.layout)
         # Within the prompt, attend over the fresh keys only (S, not T): the same numbers, less work.
-        return (k_BSKH, v_BSKH), valid_BS, positions_BS, (put(k_BSKH), put(v_BSKH))
+        return (k_BSKH, v_BSKH), valid_BS, positions_BS, caches, (put(k_BSKH), put(v_BSKH))
 
-    x_BSD, caches = _blocks_forward(model, model.embed(tokens_BS), positions_BS, write_kv)
+    x_BSD, _, caches = _blocks_forward(model, model.embed(tokens_BS), positions_BS, None, write_kv)
+    if model.cfg.scan_layers:
+        caches = tuple(constrain(c_LBTKH, STACKED_CACHE_AXES, model.layout) for c_LBTKH in caches)
     return caches, constrain(model.logits(x_BSD[:, -1:])[:, 0], LOGITS_BV, model.layout)
+
+
+def _cache_len(caches) -> int:
+    return caches[0][0].shape[1] if isinstance(caches, list) else caches[0].shape[2]
+
+
+def _write_slot(caches, i, new_kv, slot, layout):
+    """Write one position of layer i's K and V at `slot` (the same in every row: a slice update on an
+    unsharded axis); return the caches and layer i's (k, v). A scanned model's stacked caches are updated
+    at [i, :, slot] (i traced), so only the new position is written, in place."""
+    if isinstance(caches, list):
+        kv = tuple(constrain(jax.lax.dynamic_update_slice(c_BTKH, new_B1KH.astype(c_BTKH.dtype), (0, slot, 0, 0)),
+                             CACHE_AXES, layout) for c_BTKH, new_B1KH in zip(caches[i], new_kv))
+        return caches[:i] + [kv] + caches[i + 1:], kv
+    caches = tuple(constrain(jax.lax.dynamic_update_slice(c_LBTKH, new_B1KH[None].astype(c_LBTKH.dtype),
+                                                          (i, 0, slot, 0, 0)), STACKED_CACHE_AXES, layout)
+                   for c_LBTKH, new_B1KH in zip(caches, new_kv))
+    return caches, tuple(constrain(c_LBTKH[i], CACHE_AXES, layout) for c_LBTKH in caches)
 
 
 def _decode(model, caches, tokens_B, slot, offset_B):
     """One token per row, all written at cache slot `slot` (row b's position slot - offset_b); return logits."""
-    T = caches[0][0].shape[1]
-    k_pos_BT, k_valid_BT = _key_positions(offset_B, T)
+    k_pos_BT, k_valid_BT = _key_positions(offset_B, _cache_len(caches))
     positions_B1 = (slot - offset_B)[:, None]
 
-    def put(cache_BTKH, new_B1KH):  # the same slot in every row: a slice update on an unsharded axis
-        new_B1KH = new_B1KH.astype(cache_BTKH.dtype)
-        return constrain(jax.lax.dynamic_update_slice(cache_BTKH, new_B1KH, (0, slot, 0, 0)), CACHE_AXES,
-                         model.layout)
+    def write_kv(i, caches, k_B1KH, v_B1KH):
+        caches, kv = _write_slot(caches, i, (k_B1KH, v_B1KH), slot, model.layout)
+        return kv, k_valid_BT, k_pos_BT, caches, None
 
-    def write_kv(i, k_B1KH, v_B1KH):
-        kv = (put(caches[i][0], k_B1KH), put(caches[i][1], v_B1KH))
-        return kv, k_valid_BT, k_pos_BT, kv
-
-    x_BSD, caches = _blocks_forward(model, model.embed(tokens_B[:, None]), positions_B1, write_kv)
+    x_BSD, caches, _ = _blocks_forward(model, model.embed(tokens_B[:, None]), positions_B1, caches, write_kv)
     return caches, constrain(model.logits(x_BSD)[:, 0], LOGITS_BV, model.layout)
 
 
@@ -349,9 +379,8 @@ def generate(model, prompt_tokens_BS, max_new_tokens: int, temperature: float = 
 # ------------------------------------------------------------------------------- inspection helpers
 
 def _kv_dtype(model):
-    attn = model.blocks[0].attn
     x = jnp.zeros((1, 1, model.cfg.d_model), jnp.float32)
-    return jax.eval_shape(lambda: attn.project_kv(x, jnp.zeros((1, 1), jnp.int32))[0]).dtype
+    return jax.eval_shape(lambda: layer(model, 0).attn.project_kv(x, jnp.zeros((1, 1), jnp.int32))[0]).dtype
 
 
 def decode_step_lowered(model, batch: int, cache_len: int, temperature: float = 0.0, top_k=None, top_p=None):
@@ -359,10 +388,14 @@ def decode_step_lowered(model, batch: int, cache_len: int, temperature: float = 
     cfg, layout = model.cfg, model.layout
     graphdef, state = nnx.split(model)
     sharding = lambda names: None if layout is None else layout.sharding(names)
-    kv = jax.ShapeDtypeStruct((batch, cache_len, cfg.n_kv_heads, cfg.head_dim), _kv_dtype(model),
-                              sharding=sharding(CACHE_AXES))
+    shape, dtype = (batch, cache_len, cfg.n_kv_heads, cfg.head_dim), _kv_dtype(model)
+    if cfg.scan_layers:
+        kv = jax.ShapeDtypeStruct((cfg.n_layers,) + shape, dtype, sharding=sharding(STACKED_CACHE_AXES))
+        caches = (kv, kv)
+    else:
+        caches = [(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding(CACHE_AXES)),) * 2] * cfg.n_layers
     rows = lambda dtype: jax.ShapeDtypeStruct((batch,), dtype, sharding=sharding(ROWS))
-    args = (state, [(kv, kv)] * cfg.n_layers, rows(jnp.int32), jnp.int32(1), rows(jnp.int32), rows(jnp.bool_),
+    args = (state, caches, rows(jnp.int32), jnp.int32(1), rows(jnp.int32), rows(jnp.bool_),
             jax.random.key(0), jnp.int32(1), jnp.float32(temperature or 1.0), jnp.int32(top_k or 0),
             jnp.float32(top_p or 1.0), jnp.int32(-1))
     return _decode_step_jit.lower(graphdef, _mode(temperature, top_k, top_p), *args)

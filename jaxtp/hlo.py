@@ -129,6 +129,41 @@ def parse_collectives(hlo_text: str, mesh=None) -> Collectives:
     return Collectives(ops)
 
 
+_HEADER = re.compile(r"^(?:ENTRY\s+)?%(?P<name>[\w.\-]+)\s.*\{\s*$")
+_CALLED = re.compile(r"(?:calls|to_apply|body|condition)=%([\w.\-]+)")
+
+
+def computations(hlo_text: str) -> dict[str, str]:
+    """{name: text} of every computation in an HLO module's text (ENTRY included)."""
+    comps, name, lines = {}, None, []
+    for line in hlo_text.splitlines():
+        header = _HEADER.match(line)
+        if header and name is None:
+            name, lines = header.group("name"), [line]
+        elif name is not None:
+            lines.append(line)
+            if line.rstrip() == "}":
+                comps[name], name = "\n".join(lines), None
+    return comps
+
+
+def loop_bodies(hlo_text: str) -> list[str]:
+    """The text of each while loop's body with every computation it calls. A scanned layer stack's body
+    appears ONCE in the HLO however many layers it runs, so its collectives are per layer; a loop nested in
+    another's body is listed in both."""
+    comps = computations(hlo_text)
+    bodies = []
+    for body in re.findall(r"\bbody=%([\w.\-]+)", hlo_text):
+        seen, todo = [], [body]
+        while todo:
+            c = todo.pop()
+            if c not in seen and c in comps:
+                seen.append(c)
+                todo += _CALLED.findall(comps[c])
+        bodies.append("\n".join(comps[c] for c in seen))
+    return bodies
+
+
 def _find_mesh(args):
     for leaf in jax.tree.leaves(args):
         sharding = getattr(leaf, "sharding", None)

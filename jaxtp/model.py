@@ -3,11 +3,24 @@
 `Transformer.create(cfg, mesh, seed)` builds the model inside `jax.jit` with output shardings taken
 from the parameters' logical names, so each device only ever computes and holds its own shards. The
 RNG is partitionable threefry, so the same seed gives bit-identical parameters on every mesh.
+
+Two config switches change how the blocks run, never what they compute:
+  scan_layers  the L blocks become ONE Block whose parameters carry a leading stacked axis of size L,
+               named "layers" (nnx.vmap over split RNG keys builds it), and the forward is one
+               `lax.scan` over that axis: XLA compiles the block body once, so compile time stops growing
+               with depth. Its parameters differ from the unrolled model's for a seed (other RNG splits)
+               but are the same on every mesh.
+  remat        "full": a block keeps only its input for the backward and recomputes the rest (jax.checkpoint);
+               "dots": it keeps the outputs of its projections - matmuls without batch dimensions, linear
+               in S - and recomputes the rest, notably attention's score and probability einsums (batched
+               over heads, quadratic in S). `checkpoint_dots` would keep those [B, N, S, T] tensors too,
+               which is most of the activation memory remat is meant to free.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -21,6 +34,9 @@ from .mesh import axis_size
 from .sharding import Layout, constrain
 
 LOGITS = ("batch", "seq", "vocab")
+LAYERS = "layers"  # the logical name of a scanned model's stacked layer axis
+REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 _INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
@@ -33,7 +49,8 @@ class Transformer(nnx.Module):
         model_axis = 1 if layout is None else _vocab_split(layout)
         self.padded_vocab = cfg.padded_vocab(model_axis)
         self.embed = Embed(cfg, self.padded_vocab, layout, rngs)
-        self.blocks = nnx.List([Block(cfg, layout, rngs) for _ in range(cfg.n_layers)])
+        self.blocks = stacked_blocks(cfg, layout, rngs) if cfg.scan_layers else \
+            nnx.List([Block(cfg, layout, rngs) for _ in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg, layout)
         self.head = Linear("bsd,dv->bsv", (cfg.d_model, self.padded_vocab), ("embed", "vocab"),
                            std=cfg.init_std, cfg=cfg, rngs=rngs, layout=layout)
@@ -53,14 +70,16 @@ class Transformer(nnx.Module):
         compiled = jax.jit(init, out_shardings=shardings).lower().compile(_INIT_COMPILER_OPTIONS)
         return nnx.merge(graphdef, compiled())
 
-    def hidden(self, tokens_BS, positions_BS=None, kv_caches=None, **attn_kwargs):
+    def hidden(self, tokens_BS, positions_BS=None, **attn_kwargs):
         """Final normalised hidden states [B, S, D] (the head is applied separately)."""
         B, S = tokens_BS.shape
         if positions_BS is None:
             positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
-        x_BSD = self.embed(tokens_BS)
-        for block in self.blocks:
-            x_BSD = block(x_BSD, positions_BS, **attn_kwargs)
+
+        def step(block, x_BSD, i):
+            return remat_block(block, self.cfg.remat)(x_BSD, positions_BS, attn_kwargs), None
+
+        x_BSD, _ = scan_blocks(self, step, self.embed(tokens_BS))
         return self.final_norm(x_BSD)
 
     def logits(self, x_BSD):
@@ -78,6 +97,73 @@ def _vocab_split(layout: Layout) -> int:
     target = layout.rules.get("vocab")
     axes = () if target is None else (target,) if isinstance(target, str) else target
     return math.prod(axis_size(layout.mesh, a) for a in axes)
+
+
+def stacked_blocks(cfg: ModelConfig, layout: Layout | None, rngs: nnx.Rngs) -> Block:
+    """One Block whose every parameter has a leading axis of size L named "layers": vmap over L split
+    `params` keys, each layer drawn from its own key (so any mesh gives the same values)."""
+
+    @nnx.split_rngs(splits=cfg.n_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: LAYERS})
+    def make(rngs):
+        return Block(cfg, layout, rngs)
+
+    return make(rngs)
+
+
+def scan_blocks(model: "Transformer", step, carry):
+    """`lax.scan` semantics over the model's blocks: `step(block, carry, i) -> (carry, y)`; returns (carry, ys).
+
+    Unrolled model: a Python loop (i an int, ys a list). Scanned model: one `lax.scan` over the stacked
+    state (i traced, each y stacked on a leading layer axis), so the body is traced and compiled once."""
+    if not model.cfg.scan_layers:
+        ys = []
+        for i, block in enumerate(model.blocks):
+            carry, y = step(block, carry, i)
+            ys.append(y)
+        return carry, ys
+    graphdef, state_L = nnx.split(model.blocks)
+
+    def body(carry, xs):
+        state, i = xs
+        return step(nnx.merge(graphdef, _unstacked(state)), carry, i)
+
+    return jax.lax.scan(body, carry, (state_L, jnp.arange(model.cfg.n_layers)))
+
+
+def layer(model: "Transformer", i: int) -> Block:
+    """Block i as a module of its own (a scanned model's is a slice of the stacked parameters)."""
+    if not model.cfg.scan_layers:
+        return model.blocks[i]
+    graphdef, state_L = nnx.split(model.blocks)
+    return nnx.merge(graphdef, _unstacked(jax.tree.map(lambda w_L: w_L[i], state_L)))
+
+
+def _unstacked(state):
+    """A layer's slice of a stacked state, its metadata made to match: "layers" leaves `out_sharding`
+    (as nnx.scan's transform_metadata would do), so the block is an ordinary Block with consistent names."""
+
+    def one(v):
+        names = v.get_metadata().get("out_sharding")
+        return v.replace(out_sharding=names[1:]) if names and names[0] == LAYERS else v
+
+    return jax.tree.map(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def remat_block(block: Block, remat: str):
+    """`block` as a function (x_BSD, positions_BS, attn_kwargs) -> x_BSD, rematerialised per `remat`.
+
+    jax.checkpoint needs the parameters as explicit inputs (a policy sees only what flows through
+    them), so the block is split and merged inside the checkpointed function."""
+    if remat == "none":
+        return lambda x_BSD, positions_BS, attn_kwargs: block(x_BSD, positions_BS, **attn_kwargs)
+    graphdef, state = nnx.split(block)
+
+    @functools.partial(jax.checkpoint, policy=REMAT_POLICIES[remat])
+    def run(state, x_BSD, positions_BS, attn_kwargs):
+        return nnx.merge(graphdef, state)(x_BSD, positions_BS, **attn_kwargs)
+
+    return functools.partial(run, state)
 
 
 def abstract_model(cfg: ModelConfig, layout: Layout | None, seed: int = 0) -> Transformer:

@@ -203,9 +203,10 @@ class ParamInfo:
 @functools.lru_cache(maxsize=64)
 def _block_and_rest(cfg: ModelConfig, mesh_items: tuple, rules_items: tuple):
     """Abstract parameters of a ONE-block model (every block has the same declarations; tracing all L of
-    a 70b model through nnx.eval_shape takes minutes, one takes a second)."""
+    a 70b model through nnx.eval_shape takes minutes, one takes a second). Built unscanned: a scanned
+    model stacks the same per-layer shards on an unsplit "layers" axis, so bytes and shapes per layer agree."""
     mesh, rules = MeshShape(dict(mesh_items)), dict(rules_items)
-    model = abstract_model(cfg.replace(n_layers=1), Layout(mesh, rules))
+    model = abstract_model(cfg.replace(n_layers=1, scan_layers=False), Layout(mesh, rules))
     rows = []
     for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
         value = var.get_value() if hasattr(var, "get_value") else var.value
@@ -553,8 +554,8 @@ def plan(cfg: ModelConfig | str, mesh, *, batch_size: int, seq_len: int, param_d
     cfg: a ModelConfig or preset name. mesh: a jax Mesh, a spec ("8x8", "2x2x2", "data=2,model=4") or a
     {axis: size} dict; no devices are needed. param_dtype / compute_dtype default to the config's (the
     presets keep f32 master weights). batch_size is global, split over the data axis. remat: None or
-    "full" (planned only: the model has no remat switch yet). optimizer: "adamw" (the Trainer's), "adam",
-    "sgd", "momentum", "lion" or an optax transformation. rules: a preset name (megatron, megatron-sp,
+    "full" (what to plan, apart from cfg.remat; the model's "dots" policy is not modelled). optimizer:
+    "adamw" (the Trainer's), "adam", "sgd", "momentum", "lion" or an optax transformation. rules: a preset name (megatron, megatron-sp,
     fsdp, fsdp-sp) or a dict table, as Transformer.create takes; batch_size splits over every batch axis
     (data+fsdp). hardware: its `forms_reduce_scatter` decides whether SP / ZeRO reductions are planned as
     reduce-scatters (GPU/TPU presets) or as the all-reduces XLA:CPU emits.

@@ -7,7 +7,8 @@ variables' logical names (`Layout.state_shardings`).
 int8 (after Qwix/AQT, written small): per-output-channel symmetric absmax. A kernel whose leading
 `contract` axes are contracted gets a float32 scale of the kernel's shape with those axes reduced to 1,
 so the scale carries the kernel's logical names with None on the contracted axes and shards with its
-output channels: column-parallel scales split over `model`, row-parallel ones replicate. The embedding
+output channels: column-parallel scales split over `model`, row-parallel ones replicate (a scanned
+model's stacked "layers" axis is an output axis here: one scale per layer and channel). The embedding
 gets one scale per vocabulary row. Norm scales stay float. Quantised arrays live in `Int8Weight` /
 `Int8Scale` (not `nnx.Param`), so gradients and optimizers skip them.
 
@@ -170,6 +171,13 @@ def _quantise_var(var, axes):
     return Int8Weight(q, out_sharding=tuple(names)), Int8Scale(s, out_sharding=scale_names)
 
 
+def _contracted_axes(linear) -> range:
+    """The kernel axes a Linear contracts, after any stacked leading axes (a scanned model's "layers"):
+    each layer keeps its own per-channel scales, so the stacked axis is never reduced."""
+    stacked = linear.kernel[...].ndim - len(linear.names)
+    return range(stacked, stacked + linear.contract)
+
+
 def _convert(model, precision: str):
     """Rewrite `model` in place (inside a trace) to `precision`."""
     from .layers import Embed, Linear
@@ -184,7 +192,7 @@ def _convert(model, precision: str):
         for m in modules:
             if isinstance(m, Linear):
                 if not quantised:
-                    m.kernel, m.scale = _quantise_var(m.kernel, range(m.contract))
+                    m.kernel, m.scale = _quantise_var(m.kernel, _contracted_axes(m))
                 m.quant_mode = precision
             elif isinstance(m, Embed):
                 if not quantised:

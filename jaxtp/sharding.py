@@ -9,7 +9,9 @@ Parameters and activations use separate names for the model width and the sequen
 can place them differently: weights carry "embed"; the residual stream between blocks is
 ("batch", "act_seq", "act_embed"); attention internals and KV caches keep "seq". A target is one
 mesh axis, a tuple of mesh axes (the dimension splits over their product, e.g. batch over
-("data", "fsdp")), or None.
+("data", "fsdp")), or None. A scanned model (ModelConfig.scan_layers) stacks its block parameters on a
+leading "layers" axis; every preset keeps it whole (None): lax.scan slices one layer per iteration, and a
+layer axis split over devices would make each iteration gather its layer (pipeline stages are another tool).
 
 Presets (every one is a table, no layer knows which is in force; an axis of size 1 or absent from
 the mesh drops out, so each preset also runs on smaller meshes; `resolve_rules` also takes a dict):
@@ -54,6 +56,7 @@ MEGATRON: dict[str, str | tuple[str, ...] | None] = {
     "kv_heads": "model",
     "head_dim": None,
     "mlp": "model",
+    "layers": None,  # the stacked leading axis of a scanned model's block params (ModelConfig.scan_layers)
 }
 MEGATRON_SP = {**MEGATRON, "act_seq": "model"}
 FSDP = {**MEGATRON, "embed": "fsdp"}

@@ -17,6 +17,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from flax import nnx
 
 from .loss import cross_entropy, lm_loss
+from .model import LAYERS, abstract_model
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,8 +48,16 @@ def schedule(tc: TrainConfig) -> optax.Schedule:
                                               end_value=tc.lr * tc.min_lr_ratio)
 
 
+def _decays(p) -> bool:
+    """Weight decay on matrices, not on norm scales (vectors). A scanned model's stacked "layers" axis
+    does not count: its [L, D] norm scales are L vectors."""
+    stacked = (p.get_metadata().get("out_sharding") or ()).count(LAYERS) if isinstance(p, nnx.Variable) else 0
+    return p.ndim - stacked >= 2
+
+
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # no decay on norm scales
+    # The mask is a prefix of the params tree: one bool per Variable (whose metadata names its axes).
+    decay_mask = lambda params: jax.tree.map(_decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
     return optax.chain(optax.clip_by_global_norm(tc.clip_norm),
                        optax.adamw(schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay,
                                    mask=decay_mask))
@@ -137,8 +146,12 @@ def train_flops_per_step(cfg, batch_size: int, seq_len: int) -> float:
 def compile_train_step(cfg, layout, tc: TrainConfig, batch_sharding):
     """Compile the train step of `cfg` from abstract shapes only (nothing allocated) - used to read
     the collectives of a 1-layer variant next to the real model's."""
-    from .model import abstract_model
+    return lower_train_step(cfg, layout, tc, batch_sharding).compile()
 
+
+def lower_train_step(cfg, layout, tc: TrainConfig, batch_sharding):
+    """The train step of `cfg` traced and lowered from abstract shapes (experiments time this apart from
+    XLA's compile)."""
     graphdef, params, rest = nnx.split(abstract_model(cfg, layout), nnx.Param, ...)
     shardings = layout.state_shardings(params)
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
@@ -147,4 +160,4 @@ def compile_train_step(cfg, layout, tc: TrainConfig, batch_sharding):
     opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                              jax.eval_shape(tx.init, params), opt_sh)
     batch = jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len + 1), jnp.int32, sharding=batch_sharding)
-    return make_train_step(graphdef, rest, tx, param_sh, opt_sh).lower(params, opt_state, batch).compile()
+    return make_train_step(graphdef, rest, tx, param_sh, opt_sh).lower(params, opt_state, batch)

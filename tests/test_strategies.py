@@ -134,7 +134,7 @@ def test_presets_resolve_on_2x2x2(tiny):
     mesh = jaxtp.make_mesh("2x2x2")
     got = {name: resolve_rules(tiny, mesh, name) for name in PRESETS}
     tp = {"vocab": "model", "heads": "model", "kv_heads": "model", "mlp": "model", "head_dim": None, "seq": None,
-          "act_embed": None, "batch": ("data", "fsdp")}
+          "act_embed": None, "batch": ("data", "fsdp"), "layers": None}
     assert got["megatron"] == {**tp, "act_seq": None, "embed": None}
     assert got["megatron-sp"] == {**tp, "act_seq": "model", "embed": None}
     assert got["fsdp"] == {**tp, "act_seq": None, "embed": "fsdp"}
