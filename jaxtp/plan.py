@@ -275,11 +275,11 @@ def _train_collectives(cfg, d: dict) -> list[dict]:
     (vocab-parallel gather, in the table's dtype), attention output projection and MLP down projection
     per layer; the vocab-parallel loss adds two [B, S] f32 all-reduces (max and sum of logsumexp). The
     backward adds one [B, S, D] all-reduce for the head, and per layer one for the MLP and one for
-    attention. XLA:CPU does NOT sum partial input-gradients of separate matmuls before reducing them, so
-    gate/up and q/k/v run as one matmul each over stacked kernels (layers.py) and their backward reduces
-    one [B, S, D] sum: Megatron's 4 per layer and 4 activations of bytes. Where they cannot fuse (a ZeRO
-    gather of the weights, kv heads replicated) the MLP op carries 2 [B, S, D] buffers and attention 3
-    (q, k, v), merged into one tuple all-reduce each by XLA's all-reduce combiner. The target-logit [B, S] sum (needed only for the loss value) and
+    attention. XLA:CPU does NOT sum partial input-gradients of separate matmuls before reducing them:
+    the MLP op carries 2 [B, S, D] buffers (gate, up), merged into one tuple all-reduce by XLA's combiner.
+    q/k/v run as one matmul over stacked kernels (layers.py), so attention reduces one [B, S, D] sum -
+    or 3 buffers where they cannot stack (a ZeRO gather of the weights). Megatron's 4 per layer, 5
+    activations of bytes. The target-logit [B, S] sum (needed only for the loss value) and
     the clip-by-global-norm partial sums (two f32 scalars per model-sharded parameter: clipping and the
     grad_norm metric) ride in combined ops, the latter in an op of their own.
     Replicated kv heads (K < model axis): k/v input-gradients are whole on every rank (no [B,S,D]
@@ -331,8 +331,7 @@ def _train_collectives(cfg, d: dict) -> list[dict]:
         gathers = lambda *names: any(i.path == f"blocks/0/{name}/kernel" and d["zero"](i) > 1
                                      for i in d["infos"] for name in names)
         if d["mlp_sharded"]:
-            n_in = 2 if gathers("mlp/gate", "mlp/up") else 1  # fused gate+up: one summed input-gradient
-            out.append(_coll(rs, tp, n, L, L * n_in * BS * D * act_b, "MLP gate+up input-gradients (bwd)", True))
+            out.append(_coll(rs, tp, n, L, L * 2 * BS * D * act_b, "MLP gate+up input-gradients (bwd)", True))
         if d["heads_sharded"]:
             n_in = (1 if not gathers("attn/q", "attn/k", "attn/v") else 3) if d["kv_sharded"] else 1
             out.append(_coll(rs, tp, n, L, L * n_in * BS * D * act_b,
@@ -480,7 +479,7 @@ def _memory(cfg, d, remat, decode: bool, opt_bytes: int, head_grad: int) -> dict
     # FSDP: the gradients accumulate in their gathered shapes (head first) and each layer's weights are
     # gathered while it is differentiated.
     backward_peak = act + logits + transient + head_grad * d["zero_head"] + d["zero_layer_bytes"]
-    # The stacked q/k/v and gate/up kernels each layer's backward reads (one layer's under remat).
+    # The stacked q/k/v kernels each layer's backward reads (one layer's under remat).
     backward_peak += (1 if remat in ("full", True) else cfg.L) * d["stacked_kernel_bytes"]
     # Optimizer update: all gradients live plus one parameter-sized temporary (XLA:CPU writes the
     # clipped gradient before the fused Adam update; params and moments update in place, donated).
@@ -642,12 +641,10 @@ def _dims(cfg, ms: MeshShape, rules, batch_size, seq_len, hw):
     d["zero_head"] = next(d["zero"](i) for i in infos if i.path == "head/kernel")
     d["zero_layer_bytes"] = sum(i.local_bytes * d["zero"](i) for i in infos if i.path.startswith("blocks/0/")) \
         if d["nf"] > 1 else 0
-    # q/k/v and gate/up run as one matmul over kernels stacked in the compute dtype (layers.py) when they
-    # split alike and need no ZeRO gather; XLA keeps each layer's stacked copy for the backward.
-    stacked = lambda i: d["zero"](i) == 1 and (
-        any(i.path == f"blocks/0/mlp/{n}/kernel" for n in ("gate", "up"))
-        or (rules_resolved["heads"] == rules_resolved["kv_heads"]
-            and any(i.path == f"blocks/0/attn/{n}/kernel" for n in "qkv")))
+    # q/k/v run as one matmul over kernels stacked in the compute dtype (layers.py) when they split alike
+    # and need no ZeRO gather; XLA keeps each layer's stacked copy for the backward.
+    stacked = lambda i: d["zero"](i) == 1 and rules_resolved["heads"] == rules_resolved["kv_heads"] \
+        and any(i.path == f"blocks/0/attn/{n}/kernel" for n in "qkv")
     d["stacked_kernel_bytes"] = sum(i.local_bytes * c // d["param_b"] for i in infos if stacked(i))
     if batch_size % nd:
         warnings.append(f"batch_size={batch_size} is not divisible by the data axis ({nd}); planned with "
