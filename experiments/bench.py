@@ -7,7 +7,7 @@
 Each section is a `Section` in SECTIONS: a function `bench_<name>(args) -> list[dict]`, its table columns,
 and optionally a summary of its rows and a plot. Rows that cannot run (a mesh that does not divide the
 model's heads, too few devices, a precision without jaxtp.cast) are reported as skipped. Models are jaxtp
-presets or BENCH_CONFIGS (`mid`).
+presets or BENCH_CONFIGS (`mid`), optionally with switches: `mid+scan`, `mid+remat=dots`.
 
 train: per model x mesh x precision (f32 master weights; compute in f32 or bf16: rows `f32`,
 `bf16-compute`), one AdamW step at the model's TRAIN_SHAPES (seq_len, global batch):
@@ -122,8 +122,14 @@ def input_problems(args) -> list[str]:
     problems = [f"unknown sections {[s for s in args.sections if s not in SECTIONS]}; choose from {list(SECTIONS)}"
                 ] if set(args.sections) - set(SECTIONS) else []
     known = set(jaxtp.PRESETS) | set(BENCH_CONFIGS)
-    problems += [f"unknown model {m!r}; choose from {sorted(known)}"
-                 for m in dict.fromkeys(args.train_presets + args.presets) if m not in known]
+    for m in dict.fromkeys(args.train_presets + args.presets):
+        if m.split("+")[0] not in known:
+            problems.append(f"unknown model {m!r}; choose from {sorted(known)} (+scan, +remat=POLICY)")
+            continue
+        try:
+            model_config(m)
+        except ValueError as e:
+            problems.append(str(e))
     problems += [f"unknown train precision {t!r}; choose from {list(TRAIN_PRECISIONS)}"
                  for t in args.train_precisions if t not in TRAIN_PRECISIONS]
     for spec in args.meshes:
@@ -139,7 +145,18 @@ def input_problems(args) -> list[str]:
 # --------------------------------------------------------------------------------------- helpers
 
 def model_config(name: str):
-    return BENCH_CONFIGS[name] if name in BENCH_CONFIGS else jaxtp.ModelConfig.preset(name)
+    """A jaxtp preset or BENCH_CONFIGS entry, with optional switches after '+': 'scan' (scan_layers) and
+    'remat=POLICY', e.g. mid+scan+remat=dots - before/after rows of the same model in one run."""
+    base, *switches = name.split("+")
+    cfg = BENCH_CONFIGS[base] if base in BENCH_CONFIGS else jaxtp.ModelConfig.preset(base)
+    for switch in switches:
+        if switch == "scan":
+            cfg = cfg.replace(scan_layers=True)
+        elif switch.startswith("remat="):
+            cfg = cfg.replace(remat=switch[len("remat="):])
+        else:
+            raise ValueError(f"unknown model switch {switch!r} in {name!r}; use +scan or +remat=none|full|dots")
+    return cfg
 
 
 def build(cfg, spec: str):
@@ -250,7 +267,7 @@ def compile_step(cell: TrainCell) -> dict:
 def prepare_cell(name: str, precision: str, spec: str, cfg, corpus) -> TrainCell:
     """Build the trainer, compile its step and run the warm-up steps; a cell that cannot run gets
     row['skipped'] and no trainer."""
-    seq_len, batch = TRAIN_SHAPES.get(name, (min(cfg.max_seq_len, 128), 16))
+    seq_len, batch = TRAIN_SHAPES.get(name.split("+")[0], (min(cfg.max_seq_len, 128), 16))
     cfg = cfg.replace(compute_dtype=TRAIN_PRECISIONS[precision])
     cell = TrainCell(dict(preset=name, heads=cfg.n_heads, mesh=spec, precision=precision, batch=batch,
                           seq_len=seq_len, params=cfg.param_count()), corpus)

@@ -23,7 +23,7 @@ import jax
 from .mesh import use_cpu_devices
 
 INIT_TIMEOUT_S = int(os.environ.get("JAXTP_INIT_TIMEOUT", "60"))  # seconds to wait for every peer
-HEARTBEAT_TIMEOUT_S = 15
+HEARTBEAT_TIMEOUT_S = int(os.environ.get("JAXTP_HEARTBEAT_TIMEOUT", "15"))  # seconds before a silent peer counts as dead
 ENV = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
 
 

@@ -27,6 +27,7 @@ float weights are gone: cast from the float model instead.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 
 import jax
@@ -267,6 +268,7 @@ def warn_if_low_precision_training(model) -> str | None:
     return reason
 
 
+@functools.lru_cache(maxsize=8)
 def _eval_fns(graphdef):
     """Jitted (forward -> logits, loss) and (forward vs reference logits -> loss, top-1 agreement, KL)."""
     from .loss import cross_entropy

@@ -8,6 +8,7 @@ created under jit from the sharded params and inherit their shardings (f32 maste
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -126,10 +127,17 @@ def make_train_step(graphdef, rest, tx, param_sh=None, opt_sh=None):
     return jax.jit(step, donate_argnums=(0, 1), out_shardings=(param_sh, opt_sh, metrics_sh))
 
 
+@functools.lru_cache(maxsize=8)
+def eval_loss_fn(graphdef: nnx.GraphDef):
+    """The jitted held-out loss of models with this graphdef: one per model structure, so evaluating
+    again (every N steps, or after loading) reuses the compiled program instead of retracing it."""
+    return jax.jit(lambda state, t: cross_entropy(nnx.merge(graphdef, state)(t[:, :-1]), t[:, 1:]))
+
+
 def evaluate(model: nnx.Module, batches) -> dict:
     """Held-out loss in nats/byte (tokens are bytes), bits/byte and perplexity."""
     graphdef, state = nnx.split(model)
-    fn = jax.jit(lambda state, t: cross_entropy(nnx.merge(graphdef, state)(t[:, :-1]), t[:, 1:]))
+    fn = eval_loss_fn(graphdef)
     losses = [float(fn(state, b)) for b in batches]
     nats = sum(losses) / len(losses)
     return {"loss": nats, "bits_per_byte": nats / math.log(2), "perplexity": math.exp(nats)}

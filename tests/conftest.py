@@ -4,6 +4,7 @@ The XLA flag is how JAX users fake devices; it must be in the environment before
 JAX's persistent compilation cache stays off (cache hits were seen deadlocking CPU collectives).
 """
 
+import functools
 import os
 
 # LLVM -O0 for the tests: ~25% faster XLA:CPU compiles on tiny models; HLO passes (and so the collectives
@@ -52,8 +53,10 @@ def rel_err(a, b) -> float:
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
 
 
-def reference_losses(cfg, spec, steps=12, batch=8, seq=32, lr=3e-3):
-    """What run.py computes for `--data synthetic --batch-size 8 --seq-len 32`, in-process, uninterrupted."""
+@functools.cache
+def reference_losses(cfg, spec, steps=12, batch=8, seq=32, lr=3e-3) -> list:
+    """What run.py computes for `--data synthetic --batch-size 8 --seq-len 32`, in-process, uninterrupted
+    (cached: several tests compare against the same run)."""
     corpus = jaxtp.data.load_corpus("synthetic")
     mesh = jaxtp.make_mesh(spec)
     tr = jaxtp.train.Trainer.create(jaxtp.Transformer.create(cfg, mesh),

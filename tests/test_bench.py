@@ -62,6 +62,15 @@ def test_mid_runs_eight_heads_on_1x8_with_its_own_1x1_reference():
     assert bench.variant_for(mid, "1x8").param_count() == mid.param_count()
 
 
+def test_model_switches_scan_and_remat(capsys):
+    cfg = bench.model_config("mid+scan+remat=dots")
+    assert cfg.scan_layers and cfg.remat == "dots" and cfg.replace(scan_layers=False, remat="none") == bench.model_config("mid")
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--presets", "mid+remat=sometimes,tiny+fast", "--sections", "train"])
+    err = capsys.readouterr().err
+    assert "remat must be one of none, full, dots" in err and "unknown model switch 'fast'" in err
+
+
 def test_gpu_check_tiny_writes_finite_json(tmp_path):
     out = tmp_path / "gpu_check.json"
     gpu_check.main(["--tiny", "--steps", "3", "--warmup", "1", "--decode-repeats", "1", "--new-tokens", "8",

@@ -25,17 +25,30 @@ ENV = subprocess_env()
 
 
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory):
+def two_process_run(tmp_path_factory, tiny):
+    """Steps 0-3 in this (single) process, checkpointed; `run.py --processes 2 --resume` finishes the
+    12-step run, checkpointing every 4 steps: one launch covers both directions of resuming."""
     out = tmp_path_factory.mktemp("mp") / "out"
+    mesh = jaxtp.make_mesh("2x4")
+    corpus = data.load_corpus("synthetic")
+    tc = train.TrainConfig(steps=12, batch_size=8, seq_len=32, lr=3e-3)
+    tr = train.Trainer.create(jaxtp.Transformer.create(tiny, mesh), tc)
+    losses = [float(tr.train_step(data.train_batch(corpus.train, mesh, 8, 32, 0, i))["loss"]) for i in range(4)]
+    ckpts = checkpoint.TrainCheckpoints(out / "checkpoints")
+    identity = {"config": tiny.to_dict(), "train": dict(tc.__dict__), "data": corpus.describe()}  # as run.py writes
+    ckpts.save(4, tr.params, tr.opt_state, {**identity, "loss": losses})
+    ckpts.wait()
+    ckpts.close()
     proc = subprocess.run([sys.executable, RUN, "--processes", "2", *ARGS, "--steps", "12", "--checkpoint-every", "4",
-                           "--out", str(out)], capture_output=True, text=True, env=ENV, timeout=400)
+                           "--out", str(out), "--resume"], capture_output=True, text=True, env=ENV, timeout=400)
     return proc, out
 
 
 def test_two_processes_match_one(tiny, two_process_run):
+    """The 2-process run resumed this process's step-4 checkpoint and continued exactly as one process."""
     proc, out = two_process_run
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert "[p0] " in proc.stdout and "[p1] " in proc.stdout
+    assert "[p0] " in proc.stdout and "[p1] " in proc.stdout and "resumed from step 4" in proc.stdout
     losses = json.loads((out / "report.json").read_text())["loss"]
     np.testing.assert_allclose(losses, reference_losses(tiny, "2x4", steps=12), rtol=0, atol=1e-5)
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "loss.png", "report.json"]  # written once
@@ -55,29 +68,8 @@ def test_checkpoint_of_two_processes_resumes_in_one(tiny, two_process_run):
     np.testing.assert_allclose(got, ref[8:], rtol=0, atol=1e-5)
 
 
-def test_checkpoint_of_one_process_resumes_in_two(tiny, tmp_path):
-    """Write step 4 of an 8-step run from this (single) process, then finish it with --processes 2."""
-    out = tmp_path / "out"
-    mesh = jaxtp.make_mesh("2x4")
-    corpus = data.load_corpus("synthetic")
-    tc = train.TrainConfig(steps=8, batch_size=8, seq_len=32, lr=3e-3)
-    tr = train.Trainer.create(jaxtp.Transformer.create(tiny, mesh), tc)
-    losses = [float(tr.train_step(data.train_batch(corpus.train, mesh, 8, 32, 0, i))["loss"]) for i in range(4)]
-    ckpts = checkpoint.TrainCheckpoints(out / "checkpoints")
-    identity = {"config": tiny.to_dict(), "train": dict(tc.__dict__), "data": corpus.describe()}  # as run.py writes
-    ckpts.save(4, tr.params, tr.opt_state, {**identity, "loss": losses})
-    ckpts.wait()
-    ckpts.close()
-    proc = subprocess.run([sys.executable, RUN, "--processes", "2", *ARGS, "--steps", "8", "--out", str(out),
-                           "--resume"], capture_output=True, text=True, env=ENV, timeout=400)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
-    assert "resumed from step 4" in proc.stdout
-    got = json.loads((out / "report.json").read_text())["loss"]
-    np.testing.assert_allclose(got, reference_losses(tiny, "2x4", steps=8), rtol=0, atol=1e-5)
-
-
 def test_missing_peer_fails_fast_in_one_line(tmp_path):
-    env = {**ENV, "JAXTP_INIT_TIMEOUT": "10"}
+    env = {**ENV, "JAXTP_INIT_TIMEOUT": "5"}
     t = time.time()
     proc = subprocess.run([sys.executable, RUN, *ARGS, "--steps", "2", "--out", str(tmp_path / "o"), "--coordinator",
                            f"127.0.0.1:{free_port()}", "--num-processes", "2", "--process-id", "0"],
@@ -89,10 +81,11 @@ def test_missing_peer_fails_fast_in_one_line(tmp_path):
 
 
 def test_killed_peer_makes_the_survivor_exit_nonzero(tmp_path):
+    env = {**ENV, "JAXTP_HEARTBEAT_TIMEOUT": "5"}  # the survivor notices in ~5 s instead of 15
     port = free_port()
     procs = [subprocess.Popen([sys.executable, RUN, *ARGS, "--steps", "2000", "--out", str(tmp_path / f"o{i}"),
                                "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for i in range(2)]
     for line in procs[0].stdout:
         if "== training" in line:

@@ -79,6 +79,10 @@ def test_synthetic_corpus_reaches_its_entropy_floor(tiny, corpus):
         tr.train_step(data.train_batch(corpus.train, mesh, tc.batch_size, tc.seq_len, 0, i))
     ev = train.evaluate(tr.model, data.eval_batches(corpus.heldout, mesh, 16, 32, max_batches=8))
     assert ev["loss"] - corpus.entropy_floor < 0.1, (ev, corpus.entropy_floor)
+    # Evaluating again (as a run does every N steps) reuses the compiled program: no recompile.
+    fn = train.eval_loss_fn(nnx.split(tr.model)[0])
+    assert train.evaluate(tr.model, data.eval_batches(corpus.heldout, mesh, 16, 32, max_batches=2))["loss"] > 0
+    assert fn._cache_size() == 1
     assert math.isclose(ev["bits_per_byte"], ev["loss"] / math.log(2))
     assert math.isclose(ev["perplexity"], math.exp(ev["loss"]))
 
