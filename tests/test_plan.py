@@ -181,3 +181,12 @@ def test_hardware_presets_cite_sources():
         assert hw.link_bytes_per_s > 1e10 and hw.source
     cpu = get_hardware("cpu")
     assert cpu.flops_per_s > 0 and cpu.hbm_bytes_per_s > 0
+
+
+def test_remat_without_scan_warns(tiny):
+    """XLA:CPU frees little with an unrolled model's remat (README table): the planner says so."""
+    unrolled = jaxtp.plan(tiny, "2x4", batch_size=8, seq_len=64, hardware="cpu", remat="full")
+    scanned = jaxtp.plan(tiny.replace(scan_layers=True), "2x4", batch_size=8, seq_len=64, hardware="cpu", remat="full")
+    assert any("scan_layers=True" in w for w in unrolled.warnings)
+    assert not any("scan_layers" in w for w in scanned.warnings)
+    assert scanned.memory["temp"] < jaxtp.plan(tiny, "2x4", batch_size=8, seq_len=64, hardware="cpu").memory["temp"]
