@@ -163,6 +163,10 @@ class Attention(nnx.Module):
         k_BSKH = constrain(rope(self.k(x_BSD), positions_BS, self.theta), KV, self.layout)
         return k_BSKH, constrain(self.v(x_BSD), KV, self.layout)
 
+    def project_q(self, x_BSD, positions_BS):
+        """Queries (rotated), split over heads."""
+        return constrain(rope(self.q(x_BSD), positions_BS, self.theta), HEADS, self.layout)
+
     def fused(self) -> bool:
         """q, k and v run as one matmul when their kernels are float and split the same way."""
         same_split = self.layout is None or self.layout.rules["heads"] == self.layout.rules["kv_heads"]
@@ -174,8 +178,7 @@ class Attention(nnx.Module):
         adds the three input gradients before the model-axis all-reduce (XLA:CPU does not reassociate
         all-reduce(a) + all-reduce(b)), so the backward moves D per position once instead of 3 times."""
         if not self.fused():
-            q_BSNH = constrain(rope(self.q(x_BSD), positions_BS, self.theta), HEADS, self.layout)
-            return (q_BSNH, *self.project_kv(x_BSD, positions_BS))
+            return (self.project_q(x_BSD, positions_BS), *self.project_kv(x_BSD, positions_BS))
         wq_DNH, wk_DKH, wv_DKH = self.q.read(), self.k.read(), self.v.read()
         (D, N, H), K = wq_DNH.shape, wk_DKH.shape[1]
         G = N // K
@@ -194,7 +197,7 @@ class Attention(nnx.Module):
             q_BSNH, *kv = self.project_qkv(x_BSD, positions_BS)
             k_pos_BT = positions_BS
         else:
-            q_BSNH = constrain(rope(self.q(x_BSD), positions_BS, self.theta), HEADS, self.layout)
+            q_BSNH = self.project_q(x_BSD, positions_BS)
         out_BSNH = attend(q_BSNH, kv[0], kv[1], positions_BS, k_pos_BT, k_valid_BT)
         out_BSNH = constrain(out_BSNH, HEADS, self.layout)
         return constrain(self.o(out_BSNH), RESIDUAL, self.layout)
