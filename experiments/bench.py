@@ -62,7 +62,8 @@ import jaxtp  # noqa: E402
 from jaxtp import data, train  # noqa: E402
 from jaxtp.generate import cache_bytes_per_device  # noqa: E402
 from jaxtp.hlo import parse_collectives  # noqa: E402
-from jaxtp.measure import matmul_peak_flops  # noqa: E402
+from jaxtp.measure import (bytes_per_device, compile_timed, matmul_peak_flops, memory_per_device,  # noqa: E402
+                           timed_train_step)
 
 # Benchmark-only shapes. `mid` lives here rather than in jaxtp.PRESETS because it exists to size this
 # benchmark (wide enough that matmuls, not per-op overhead, dominate a CPU step); a global preset would
@@ -235,33 +236,18 @@ class TrainCell:
 
     def step(self) -> float:
         """Seconds of one train step, until params, optimizer state and metrics are all ready."""
-        tr, batch = self.trainer, self.batch()
-        t = time.perf_counter()
-        metrics = tr.train_step(batch)
-        jax.block_until_ready((tr.params, tr.opt_state, metrics))
-        elapsed = time.perf_counter() - t
+        elapsed, metrics = timed_train_step(self.trainer, self.batch())
         self.row["final_loss"] = float(metrics["loss"])
         return elapsed
 
 
-def bytes_per_device(tree) -> int:
-    """Bytes one device holds of `tree`'s arrays, from their shard shapes (replicated arrays count whole)."""
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
 def compile_step(cell: TrainCell) -> dict:
     """Trace+lower and XLA-compile the step (timed apart), then read its memory and model-axis collectives."""
-    tr, batch = cell.trainer, cell.batch()
-    t0 = time.perf_counter()
-    lowered = tr.step_fn.lower(tr.params, tr.opt_state, batch)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
+    tr = cell.trainer
+    compiled, times = compile_timed(tr.step_fn, tr.params, tr.opt_state, cell.batch())
     summary = parse_collectives(compiled.as_text(), cell.mesh).summary()
     model_axis = {k.split("@")[0]: v["count"] for k, v in summary.items() if k.endswith("@model")}
-    return dict(trace_lower_s=t1 - t0, xla_compile_s=t2 - t1, compile_s=t2 - t0,
-                temp_bytes_per_device=int(compiled.memory_analysis().temp_size_in_bytes),
-                collectives_model=model_axis)
+    return dict(times, temp_bytes_per_device=memory_per_device(compiled)["temp"], collectives_model=model_axis)
 
 
 def prepare_cell(name: str, precision: str, spec: str, cfg, corpus) -> TrainCell:

@@ -38,8 +38,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import jax  # noqa: E402  (imported, not initialised: the memory fraction below can still be set)
 import jax.numpy as jnp  # noqa: E402
 import jaxtp  # noqa: E402
-from jaxtp import data, train  # noqa: E402
-from jaxtp.measure import matmul_peak_flops  # noqa: E402
+from jaxtp import data, measure, train  # noqa: E402
+from jaxtp.measure import matmul_peak_flops, timed_train_step  # noqa: E402
 
 DECODE_TARGET = 1.6  # int8 / bf16 decode tokens/s, at least
 GiB = 2 ** 30
@@ -86,23 +86,14 @@ def model_config(args):
 
 def timed_step(trainer, batch) -> tuple[float, float]:
     """(seconds, loss) of one step, until params, optimizer state and metrics are ready."""
-    t = time.perf_counter()
-    metrics = trainer.train_step(batch)
-    jax.block_until_ready((trainer.params, trainer.opt_state, metrics))
-    return time.perf_counter() - t, float(metrics["loss"])
+    seconds, metrics = timed_train_step(trainer, batch)
+    return seconds, float(metrics["loss"])
 
 
 def compile_timed(trainer, batch) -> dict:
     """Trace+lower and XLA compile of the step, timed apart; the jit call later reuses this executable."""
-    t0 = time.perf_counter()
-    lowered = trainer.step_fn.lower(trainer.params, trainer.opt_state, batch)
-    t1 = time.perf_counter()
-    compiled = lowered.compile()
-    t2 = time.perf_counter()
-    m = compiled.memory_analysis()
-    memory = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0) for k in ("argument", "output", "alias", "temp")}
-    memory["total"] = memory["argument"] + memory["output"] - memory["alias"] + memory["temp"]
-    return dict(trace_lower_s=t1 - t0, xla_compile_s=t2 - t1, compile_s=t2 - t0, memory_per_device=memory)
+    compiled, times = measure.compile_timed(trainer.step_fn, trainer.params, trainer.opt_state, batch)
+    return dict(times, memory_per_device=measure.memory_per_device(compiled))
 
 
 def train_check(cfg, mesh, args) -> tuple[dict, object]:

@@ -59,7 +59,6 @@ def markdown(head, rows) -> str:
 
 def check_rows():
     """Planner vs compiler for the test presets (train step, batch 8 x seq 16) on 8 fake CPU devices."""
-    import math
     import re
 
     import jax
@@ -67,9 +66,6 @@ def check_rows():
 
     import jaxtp
     from jaxtp.train import TrainConfig, Trainer
-
-    def shard_bytes(tree):
-        return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
     rows = []
     for preset, spec in [("tiny", s) for s in ("1x1", "2x4", "4x2", "8x1", "1x8")] + \
@@ -79,8 +75,7 @@ def check_rows():
         tokens = np.random.default_rng(0).integers(0, 256, size=(8, 17), dtype=np.int32)
         tokens = jax.device_put(tokens, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
         c = tr.step_fn.lower(tr.params, tr.opt_state, tokens).compile()
-        ma = c.memory_analysis()
-        total = ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes + ma.temp_size_in_bytes
+        total = jaxtp.measure.memory_per_device(c)["total"]
         text = re.sub(r"(replica_groups=mesh\[[^\]]*\])(\s*\{)", rf"\1, device_ids=([{mesh.devices.size}])\2",
                       c.as_text())  # see tests/test_plan.py::parse_collectives
         got = jaxtp.hlo.parse_collectives(text, mesh).summary()
@@ -88,8 +83,8 @@ def check_rows():
         want = p.collectives["per_step"]
         fmt = lambda s: ", ".join(f"{k} {v['count']} / {v['bytes']:,} B" for k, v in s.items()) or "none"
         rows.append([preset, spec,
-                     f"{p.memory['params']:,} / {shard_bytes(tr.params):,}",
-                     f"{p.memory['optimizer']:,} / {shard_bytes(tr.opt_state):,}",
+                     f"{p.memory['params']:,} / {jaxtp.measure.bytes_per_device(tr.params):,}",
+                     f"{p.memory['optimizer']:,} / {jaxtp.measure.bytes_per_device(tr.opt_state):,}",
                      f"{p.memory['total']:,} / {total:,} ({p.memory['total'] / total - 1:+.1%})",
                      fmt(want), "same" if want == got else fmt(got)])
         print(" | ".join(rows[-1]), file=sys.stderr, flush=True)

@@ -6,6 +6,7 @@ fake devices of a CPU mesh share those same cores, so this is the machine's peak
 
 from __future__ import annotations
 
+import math
 import time
 
 import jax
@@ -49,3 +50,36 @@ def per_layer(total: dict, one_layer: dict, n_layers: int) -> dict:
 
 def collectives_of(compiled, mesh) -> dict:
     return parse_collectives(compiled.as_text(), mesh).summary()
+
+
+def bytes_per_device(tree) -> int:
+    """Bytes one device holds of `tree`'s arrays, from their shard shapes (replicated arrays count whole)."""
+    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
+
+
+def compile_timed(jitted, *args):
+    """(compiled, seconds) of tracing+lowering and XLA-compiling `jitted` for `args`, timed apart. The jit
+    call then reuses this executable, so the first execution is timed without its compile."""
+    t0 = time.perf_counter()
+    lowered = jitted.lower(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    return compiled, dict(trace_lower_s=t1 - t0, xla_compile_s=t2 - t1, compile_s=t2 - t0)
+
+
+def memory_per_device(compiled) -> dict:
+    """XLA's per-device bytes of a compiled program; total = what it holds while running: arguments plus
+    outputs not aliased onto donated arguments, plus the temporary heap."""
+    m = compiled.memory_analysis()
+    out = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0) for k in ("argument", "output", "alias", "temp")}
+    out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    return out
+
+
+def timed_train_step(trainer, batch) -> tuple[float, dict]:
+    """(seconds, metrics) of one train step, until params, optimizer state and metrics are all ready."""
+    t = time.perf_counter()
+    metrics = trainer.train_step(batch)
+    jax.block_until_ready((trainer.params, trainer.opt_state, metrics))
+    return time.perf_counter() - t, metrics

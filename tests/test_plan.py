@@ -4,15 +4,13 @@ Each (preset, mesh) is built and its train step compiled ONCE (module-scoped cac
 object gives both the HLO text and the memory analysis, so nothing compiles twice.
 """
 
-import math
 import os
 import re
 
-import jax
-import numpy as np
 import pytest
 
 import jaxtp
+from jaxtp.measure import bytes_per_device, memory_per_device
 from jaxtp.plan import get_hardware
 from jaxtp.train import TrainConfig, Trainer, train_flops_per_step
 from conftest import batch_tokens
@@ -25,10 +23,6 @@ B, S = 8, 16  # global batch and sequence length of every compiled check
 # default, on all four meshes with JAXTP_FULL_PLAN_TESTS=1 (all pass; numbers in experiments/plans.md).
 SMALL_MESHES = ("1x1", "2x4", "4x2", "8x1") if os.environ.get("JAXTP_FULL_PLAN_TESTS") else ("2x4",)
 CASES = [("tiny", m) for m in ("1x1", "2x4", "4x2", "8x1", "1x8")] + [("small", m) for m in SMALL_MESHES]
-
-
-def shard_bytes(tree) -> int:
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
 
 
 def parse_collectives(text: str, mesh) -> jaxtp.Collectives:
@@ -57,15 +51,13 @@ def measured():
             # compares with default compiles), about a third faster on 2 cores.
             compiled = trainer.step_fn.lower(trainer.params, trainer.opt_state, tokens).compile(
                 {"xla_backend_optimization_level": 0})
-            m = compiled.memory_analysis()
             # What XLA holds per device while the step runs: its arguments (params, optimizer state,
             # tokens), its outputs minus those aliased onto donated arguments (the new params and
             # optimizer state reuse the old buffers), and the temporary heap (gradients, activations...).
-            xla_total = (m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
-                         + m.temp_size_in_bytes)
+            m = memory_per_device(compiled)
             cache[preset, spec] = {
-                "params": shard_bytes(trainer.params), "optimizer": shard_bytes(trainer.opt_state),
-                "total": xla_total, "temp": m.temp_size_in_bytes,
+                "params": bytes_per_device(trainer.params), "optimizer": bytes_per_device(trainer.opt_state),
+                "total": m["total"], "temp": m["temp"],
                 "collectives": parse_collectives(compiled.as_text(), mesh).summary(),
             }
         return cache[preset, spec]

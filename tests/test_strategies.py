@@ -18,6 +18,7 @@ import pytest
 from flax import nnx
 
 import jaxtp
+from jaxtp.measure import bytes_per_device
 from jaxtp import data
 from jaxtp.loss import cross_entropy
 from jaxtp.sharding import FSDP, MEGATRON, RULE_PRESETS, resolve_rules, spec_for
@@ -182,10 +183,6 @@ def test_fsdp_shards_every_weight(tiny, cases):
 
 # ------------------------------------------------------------------------------------------- memory
 
-def shard_bytes(tree) -> int:
-    return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(tree))
-
-
 def test_fsdp2_halves_param_and_optimizer_bytes(tiny, cases):
     """1x2x4 (fsdp=2) against 1x1x4 (the same model axis, no fsdp), both under the fsdp preset."""
     got = {}
@@ -193,7 +190,7 @@ def test_fsdp2_halves_param_and_optimizer_bytes(tiny, cases):
         model = cases("fsdp", spec)["model"]
         tr = Trainer.create(model, TrainConfig(batch_size=B, seq_len=S))
         counters = sum(x.nbytes for x in jax.tree.leaves(tr.opt_state) if x.ndim == 0)  # step counts
-        got[spec] = (shard_bytes(tr.params), shard_bytes(tr.opt_state) - counters, shard_bytes(tr.opt_state))
+        got[spec] = (bytes_per_device(tr.params), bytes_per_device(tr.opt_state) - counters, bytes_per_device(tr.opt_state))
         plan = jaxtp.plan(tiny, spec, batch_size=B, seq_len=S, rules="fsdp", hardware="cpu")
         assert plan.memory["params"] == got[spec][0] and plan.memory["optimizer"] == got[spec][2]
     (p2, m2, _), (p1, m1, _) = got["1x2x4"], got["1x1x4"]
