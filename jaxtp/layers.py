@@ -15,7 +15,8 @@ activations name "act_embed" instead. Weights are read through `gathered` (a no-
 stores a weight split over a batch axis, i.e. ZeRO-3 / FSDP).
 
 Tensor names carry their shape: B batch, S query positions, T key positions, D model width,
-N query heads, K kv heads, G query heads per kv head, H head dim, F MLP hidden, V (padded) vocab.
+N query heads, K kv heads, G query heads per kv head, H head dim, F MLP hidden, V (padded) vocab;
+C the q/k/v slots of a stacked kernel, X its head axis (K or N).
 """
 
 from __future__ import annotations
@@ -158,8 +159,8 @@ class Attention(nnx.Module):
         self.o = linear("bsnh,nhd->bsd", (N, H, D), ("heads", "head_dim", "embed"), std=out_std)
 
     def project_kv(self, x_BSD, positions_BS):
-        """Keys (rotated) and values. Pinning their layout also pins their gradients', so replicated
-        kv heads (K < model axis) get one all-reduce in the backward pass instead of gathers."""
+        """Keys (rotated) and values, [B, S, K, H]: what the kv cache stores, and the unfused path's k, v
+        (with replicated kv heads, its backward sums dK, dV over each kv group and all-gathers them)."""
         k_BSKH = constrain(rope(self.k(x_BSD), positions_BS, self.theta), KV, self.layout)
         return k_BSKH, constrain(self.v(x_BSD), KV, self.layout)
 
@@ -168,27 +169,52 @@ class Attention(nnx.Module):
         return constrain(rope(self.q(x_BSD), positions_BS, self.theta), HEADS, self.layout)
 
     def fused(self) -> bool:
-        """q, k and v run as one matmul when their kernels are float and split the same way."""
-        same_split = self.layout is None or self.layout.rules["heads"] == self.layout.rules["kv_heads"]
-        return same_split and all(lin.fusable() for lin in (self.q, self.k, self.v))
+        """q, k and v run as one matmul when their kernels are float (no ZeRO gather) and the kv heads
+        are split like the query heads or replicated beside them (K < model axis)."""
+        rules = {} if self.layout is None else self.layout.rules
+        same_split = rules.get("heads") == rules.get("kv_heads")
+        return (same_split or self.kv_replicated()) and all(lin.fusable() for lin in (self.q, self.k, self.v))
+
+    def kv_replicated(self) -> bool:
+        """Query heads split over a mesh axis that the kv heads (fewer than its size) are replicated over."""
+        rules = {} if self.layout is None else self.layout.rules
+        return rules.get("kv_heads") is None and rules.get("heads") is not None
 
     def project_qkv(self, x_BSD, positions_BS):
-        """q, k, v of x. Fused, the kernels are stacked per kv head into [D, K, G+2, H] (q's G heads of
-        each group, then k, then v; the split axis K stays whole per device): one matmul whose backward
-        adds the three input gradients before the model-axis all-reduce (XLA:CPU does not reassociate
-        all-reduce(a) + all-reduce(b)), so the backward moves D per position once instead of 3 times."""
+        """q, k, v of x, as one matmul when fused (see stacked_qkv_kernel). The backward then adds the
+        three input gradients before the model-axis all-reduce (XLA:CPU does not reassociate
+        all-reduce(a) + all-reduce(b)), so it moves D per position once instead of 3 times."""
         if not self.fused():
             return (self.project_q(x_BSD, positions_BS), *self.project_kv(x_BSD, positions_BS))
-        wq_DNH, wk_DKH, wv_DKH = self.q.read(), self.k.read(), self.v.read()
-        (D, N, H), K = wq_DNH.shape, wk_DKH.shape[1]
+        w_DXCH = self.stacked_qkv_kernel()
+        y_BSXCH = matmul_rows(x_BSD.astype(w_DXCH.dtype), w_DXCH, 1)
+        B, S, X, C, H = y_BSXCH.shape
+        q_BSNH = constrain(rope(y_BSXCH[..., :C - 2, :].reshape(B, S, -1, H), positions_BS, self.theta),
+                           HEADS, self.layout)
+        kv_names = HEADS if self.kv_replicated() else KV
+        k_BSXH = constrain(rope(y_BSXCH[..., C - 2, :], positions_BS, self.theta), kv_names, self.layout)
+        return q_BSNH, k_BSXH, constrain(y_BSXCH[..., C - 1, :], kv_names, self.layout)
+
+    def stacked_qkv_kernel(self):
+        """The q, k, v kernels stacked on a new unsplit axis C, never a split of the sharded one.
+
+        Kv heads split like the query heads: per kv head, [D, K, G+2, H] (q's G heads of the group, then
+        k, then v); each device keeps its K slice whole. Kv heads replicated over the model axis: per
+        query head, [D, N, 3, H], k and v expanded to their N query heads by a one-hot [N, K] matmul. Each
+        device then projects only the k/v of its own query heads, with no forward collective, and the
+        transpose of that matmul sums the kv weight gradient over the query heads in one all-reduce,
+        where a replicated K/V projection costs an all-reduce plus two all-gathers of dK, dV per layer."""
+        wq_DNH = self.q.read()
+        (D, N, H), K = wq_DNH.shape, self.k.kernel.shape[1]
         G = N // K
-        w_DKCH = jnp.concatenate([wq_DNH.reshape(D, K, G, H), wk_DKH[:, :, None], wv_DKH[:, :, None]], axis=2)
-        y_BSKCH = matmul_rows(x_BSD.astype(w_DKCH.dtype), w_DKCH, 1)
-        B, S = x_BSD.shape[:2]
-        q_BSNH = constrain(rope(y_BSKCH[..., :G, :].reshape(B, S, N, H), positions_BS, self.theta), HEADS,
-                           self.layout)
-        k_BSKH = constrain(rope(y_BSKCH[..., G, :], positions_BS, self.theta), KV, self.layout)
-        return q_BSNH, k_BSKH, constrain(y_BSKCH[..., G + 1, :], KV, self.layout)
+        if self.kv_replicated():
+            # Expanded in the parameter dtype, so that the gradient sum crosses devices in f32 under bf16 compute.
+            expand_NK = (jnp.arange(N)[:, None] // G == jnp.arange(K)[None, :]).astype(self.k.kernel.dtype)
+            wk_DNH, wv_DNH = (jnp.einsum("dkh,nk->dnh", lin.kernel[...], expand_NK).astype(wq_DNH.dtype)
+                              for lin in (self.k, self.v))
+            return jnp.stack([wq_DNH, wk_DNH, wv_DNH], axis=2)
+        wk_DKH, wv_DKH = self.k.read(), self.v.read()
+        return jnp.concatenate([wq_DNH.reshape(D, K, G, H), wk_DKH[:, :, None], wv_DKH[:, :, None]], axis=2)
 
     def __call__(self, x_BSD, positions_BS, kv=None, k_pos_BT=None, k_valid_BT=None):
         """Self-attention over x; or, with `kv`=(k_BTKH, v_BTKH) from a cache, over those keys."""

@@ -185,9 +185,13 @@ def _train_collectives(cfg, d: dict) -> list[dict]:
     activations of bytes. The target-logit [B, S] sum (needed only for the loss value) and
     the clip-by-global-norm partial sums (two f32 scalars per model-sharded parameter: clipping and the
     grad_norm metric) ride in combined ops, the latter in an op of their own.
-    Replicated kv heads (K < model axis): k/v input-gradients are whole on every rank (no [B,S,D]
-    reduce), but dK, dV are summed over the n/K ranks sharing a kv head ([B,S,1,H] each, one op) and
-    all-gathered back to [B,S,K,H] (two ops), as tests/test_collectives.py measures.
+    Replicated kv heads (K < model axis), stacked: each rank projects k/v for its own query heads from
+    the replicated kernels (expanded by a one-hot matmul), so attention's input-gradients are one
+    [B, S, D] sum as above and the expansion's transpose sums the kv weight gradients (2 [D, K, H] f32
+    per layer) over the model axis inside the global-norm op. Unstacked (a ZeRO gather of the weights),
+    k/v input-gradients are whole on every rank, but dK, dV are summed over the n/K ranks sharing a kv
+    head ([B,S,1,H] each, one op) and all-gathered back to [B,S,K,H] (two ops).
+    tests/test_collectives.py measures both.
     Sequence parallelism (act_seq over the model axis): every [B, S, D] reduction above (embedding,
     out-projection, down-projection, head and block input-gradients) becomes a reduce-scatter along the
     sequence - on XLA:CPU an all-reduce of the same buffer followed by a dynamic-slice - and each
@@ -236,10 +240,14 @@ def _train_collectives(cfg, d: dict) -> list[dict]:
         if d["mlp_sharded"]:
             out.append(_coll(rs, tp, n, L, L * 2 * BS * D * act_b, "MLP gate+up input-gradients (bwd)", True))
         if d["heads_sharded"]:
-            n_in = (1 if not gathers("attn/q", "attn/k", "attn/v") else 3) if d["kv_sharded"] else 1
-            out.append(_coll(rs, tp, n, L, L * n_in * BS * D * act_b,
-                             f"attention {'q+k+v' if d['kv_sharded'] else 'q'} input-gradients (bwd)", True))
-            if not d["kv_sharded"]:
+            n_in = 1 if d["qkv_stacked"] or not d["kv_sharded"] else 3
+            out.append(_coll(rs, tp, n, L, L * n_in * BS * D * act_b, "attention "
+                             f"{'q+k+v' if d['kv_sharded'] or d['qkv_stacked'] else 'q'} input-gradients (bwd)", True))
+            if not d["kv_sharded"] and d["qkv_stacked"]:
+                out.append(_coll("all-reduce", tp, n, 0, L * 2 * D * cfg.K * H * d["param_b"],
+                                 "kv weight-gradients summed over query heads (combined into the global-norm op)",
+                                 True, critical=False))  # like the data-axis gradients: it can overlap the backward
+            elif not d["kv_sharded"]:
                 share = max(n // cfg.K, 1)
                 out.append(_coll("all-reduce", tp, share, L, L * 2 * BS * H * act_b,
                                  "dK, dV summed over ranks sharing a kv head (bwd)", True))
@@ -547,11 +555,16 @@ def _dims(cfg, ms: MeshShape, rules, batch_size, seq_len, hw):
     d["zero_head"] = next(d["zero"](i) for i in infos if i.path == "head/kernel")
     d["zero_layer_bytes"] = sum(i.local_bytes * d["zero"](i) for i in infos if i.path.startswith("blocks/0/")) \
         if d["nf"] > 1 else 0
-    # q/k/v run as one matmul over kernels stacked in the compute dtype (layers.py) when they split alike
-    # and need no ZeRO gather; XLA keeps each layer's stacked copy for the backward.
-    stacked = lambda i: d["zero"](i) == 1 and rules_resolved["heads"] == rules_resolved["kv_heads"] \
-        and any(i.path == f"blocks/0/attn/{n}/kernel" for n in "qkv")
-    d["stacked_kernel_bytes"] = sum(i.local_bytes * c // d["param_b"] for i in infos if stacked(i))
+    # q/k/v run as one matmul over kernels stacked in the compute dtype (layers.Attention.fused) when they
+    # need no ZeRO gather and the kv heads split like the query heads or are replicated beside them; XLA
+    # keeps each layer's stacked copy for the backward: [D, K_l, G+2, H], or [D, N_l, 3, H] replicated.
+    qkv = [i for i in infos if i.path in {f"blocks/0/attn/{n}/kernel" for n in "qkv"}]
+    kv_replicated = d["heads_sharded"] and rules_resolved["kv_heads"] is None
+    d["qkv_stacked"] = all(d["zero"](i) == 1 for i in qkv) and (
+        rules_resolved["heads"] == rules_resolved["kv_heads"] or kv_replicated)
+    q_bytes = next(i.local_bytes for i in qkv if i.path.endswith("q/kernel")) * c // d["param_b"]
+    d["stacked_kernel_bytes"] = 0 if not d["qkv_stacked"] else 3 * q_bytes if kv_replicated else \
+        sum(i.local_bytes * c // d["param_b"] for i in qkv)
     if batch_size % nd:
         warnings.append(f"batch_size={batch_size} is not divisible by the data axis ({nd}); planned with "
                         f"{d['B_l']} rows per device")
@@ -563,8 +576,9 @@ def _dims(cfg, ms: MeshShape, rules, batch_size, seq_len, hw):
             warnings.append(f"mesh axis {axis!r} (size {size}) is unused by the rules table: its devices "
                             "duplicate the work of the others")
     if d["heads_sharded"] and not d["kv_sharded"] and cfg.K > 1:
-        warnings.append(f"kv heads replicated: n_kv_heads={cfg.K} < model axis {n}; k/v weights and "
-                        "projections are replicated and the backward adds a dK/dV all-reduce and 2 all-gathers")
+        warnings.append(f"kv heads replicated: n_kv_heads={cfg.K} < model axis {n}; k/v weights are replicated "
+                        + ("and every query head projects its own k/v (N/K times the kv projection FLOPs)"
+                           if d["qkv_stacked"] else "and the backward adds a dK/dV all-reduce and 2 all-gathers"))
     if Vp != cfg.V:
         warnings.append(f"vocab padded {cfg.V} -> {Vp} to split over the model axis")
     return d, infos, rules_resolved, warnings, valid
@@ -573,8 +587,9 @@ def _dims(cfg, ms: MeshShape, rules, batch_size, seq_len, hw):
 def _flops(cfg, d, batch_size, seq_len, remat, decode) -> dict:
     """Model FLOPs follow jaxtp.train.train_flops_per_step (PaLM): 6*P*T over matmul params plus attention
     12*L*B*S^2*N*H counted NON-causally - the model computes the full S x S scores and masks them, so that
-    is also the work done. Hardware FLOPs add padded vocab columns, replicated kv projections (every rank
-    of a kv group computes the same heads) and remat's recomputed forward. Decode: 2*P*B + 4*L*B*S*N*H."""
+    is also the work done. Hardware FLOPs add padded vocab columns, replicated kv projections (stacked:
+    each query head projects its kv head's k/v, N/K times; unstacked: every rank projects all K heads)
+    and remat's recomputed forward. Decode: 2*P*B + 4*L*B*S*N*H."""
     from .train import train_flops_per_step
 
     matmul_params = cfg.param_count() - cfg.V * cfg.D - (2 * cfg.L + 1) * cfg.D
@@ -585,8 +600,9 @@ def _flops(cfg, d, batch_size, seq_len, remat, decode) -> dict:
         tok, per_param = batch_size * seq_len, 6.0
         model = float(train_flops_per_step(cfg, batch_size, seq_len))
         attention = 12.0 * cfg.L * batch_size * seq_len ** 2 * cfg.N * cfg.H
-    kv_extra = per_param * 2 * cfg.D * cfg.K * cfg.H * cfg.L * tok * (d["n"] / d["kv_split"] - 1) \
-        if d["heads_sharded"] else 0.0
+    stacked_replicated = d["qkv_stacked"] and not d["kv_sharded"] and not decode
+    kv_heads = cfg.N if stacked_replicated else d["n"] / d["kv_split"] * cfg.K
+    kv_extra = per_param * 2 * cfg.D * cfg.H * cfg.L * tok * (kv_heads - cfg.K) if d["heads_sharded"] else 0.0
     hardware = model + per_param * (d["Vp"] - cfg.V) * cfg.D * tok + kv_extra
     if remat in ("full", True) and not decode:
         hardware += model / 3  # one more forward pass

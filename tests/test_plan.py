@@ -138,9 +138,16 @@ def test_divisibility_becomes_a_warning():
 
 
 def test_kv_heads_replicated_warning(tiny):
+    """Stacked q/k/v: each query head projects its own k/v, no extra per-layer collective (the HLO side is
+    test_collectives_match_hlo[tiny-1x8]). Under FSDP (weights gathered, not stacked) the backward sums
+    dK, dV over each kv group and all-gathers them, 2 per layer."""
     p = jaxtp.plan(tiny, "1x8", batch_size=B, seq_len=S)
-    assert p.valid and any("kv heads replicated" in w for w in p.warnings)
-    assert p.collectives["per_layer"]["all-gather@model"]["count"] == 2
+    assert p.valid and any("kv heads replicated" in w and "its own k/v" in w for w in p.warnings)
+    assert set(p.collectives["per_layer"]) == {"all-reduce@model"}
+    assert p.collectives["per_layer"]["all-reduce@model"]["count"] == 4
+    zero = jaxtp.plan(tiny, "1x2x8", batch_size=B, seq_len=S, rules="fsdp")
+    assert any("kv heads replicated" in w and "2 all-gathers" in w for w in zero.warnings)
+    assert zero.collectives["per_layer"]["all-gather@model"]["count"] == 2
 
 
 def test_comm_bound_ratio_and_warning():
