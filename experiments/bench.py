@@ -27,8 +27,12 @@ train: per model x mesh x precision (f32 master weights; compute in f32 or bf16:
     jit_cache_size of the step after all timed steps (1: it never recompiled).
   A mesh whose model axis does not divide the heads runs the same model with more heads (mid: N=8 on
   1x8; parameter count and FLOPs unchanged, head_dim halved) and that variant is also timed on 1x1.
-  The `overhead` summary (f32 rows): step(2x4)/step(1x1) and step(1x8)/step(1x1) per model against
+  The `overhead` summary (f32 rows): step(2x4)/step(1x1) and step(1x8)/step(1x1) per model (the median of
+  the per-round ratios: each round times both meshes back to back) against
   RATIO_TARGETS, mid on 2x4 against MID_TARGETS, and the recompile check, each PASS or MISS.
+  Reference (rows impl=plain; --no-reference skips them): every f32 model also runs as a plain pure-JAX
+  Megatron step (experiments/plain_reference.py) on the same meshes, timed in the same rounds, and the
+  summary quotes its ratios beside jaxtp's: what tensor parallelism itself costs on this machine.
 
 generation: prefill and decode tokens/s of jaxtp.generate; medians over --repeats runs after one warm-up
 run (which compiles).
@@ -64,6 +68,7 @@ from jaxtp.generate import cache_bytes_per_device  # noqa: E402
 from jaxtp.hlo import parse_collectives  # noqa: E402
 from jaxtp.measure import (bytes_per_device, compile_timed, matmul_peak_flops, memory_per_device,  # noqa: E402
                            timed_train_step)
+from plain_reference import PlainTrainer  # noqa: E402
 
 # Benchmark-only shapes. `mid` lives here rather than in jaxtp.PRESETS because it exists to size this
 # benchmark (wide enough that matmuls, not per-op overhead, dominate a CPU step); a global preset would
@@ -96,6 +101,9 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, help="generation: prompts per batch (default 8)")
     p.add_argument("--prompt-len", type=int, help="generation: prompt tokens per row (default 32; --quick 16)")
     p.add_argument("--new-tokens", type=int, help="generation: generated tokens per row (default 64; --quick 16)")
+    p.add_argument("--no-reference", dest="reference", action="store_false",
+                   help="train: skip the plain pure-JAX reference step (experiments/plain_reference.py) that is "
+                        "otherwise timed beside every f32 model, on the same meshes and in the same rounds")
     p.add_argument("--repeats", type=int, default=5, help="timed runs per row after warm-up (default 5)")
     p.add_argument("--temperature", type=float, default=0.0, help="generation: 0 = greedy (default)")
     p.add_argument("--cpu-devices", type=int, default=int(os.environ.get("JAXTP_CPU_DEVICES", 8)),
@@ -250,22 +258,27 @@ def compile_step(cell: TrainCell) -> dict:
     return dict(times, temp_bytes_per_device=memory_per_device(compiled)["temp"], collectives_model=model_axis)
 
 
-def prepare_cell(name: str, precision: str, spec: str, cfg, corpus) -> TrainCell:
-    """Build the trainer, compile its step and run the warm-up steps; a cell that cannot run gets
-    row['skipped'] and no trainer."""
+def prepare_cell(name: str, precision: str, spec: str, cfg, corpus, impl: str = "jaxtp") -> TrainCell:
+    """Build the trainer (jaxtp's, or with impl="plain" the pure-JAX reference on an Auto-axes mesh of the
+    same devices), compile its step and run the warm-up steps; a cell that cannot run gets row['skipped']
+    and no trainer."""
     seq_len, batch = TRAIN_SHAPES.get(name.split("+")[0], (min(cfg.max_seq_len, 128), 16))
     cfg = cfg.replace(compute_dtype=TRAIN_PRECISIONS[precision])
-    cell = TrainCell(dict(preset=name, heads=cfg.n_heads, mesh=spec, precision=precision, batch=batch,
+    cell = TrainCell(dict(preset=name, impl=impl, heads=cfg.n_heads, mesh=spec, precision=precision, batch=batch,
                           seq_len=seq_len, params=cfg.param_count()), corpus)
+    tc = train.TrainConfig(batch_size=batch, seq_len=seq_len)
     try:
         cell.mesh = jaxtp.make_mesh(spec)
         data.check_batch(batch, cell.mesh)
-        model = jaxtp.Transformer.create(cfg, cell.mesh, seed=0)
+        if impl == "plain":
+            cell.mesh = jax.sharding.Mesh(cell.mesh.devices, cell.mesh.axis_names)  # Auto axes: plain jit code
+            cell.trainer = PlainTrainer(cfg, cell.mesh, tc.lr, tc.weight_decay, tc.clip_norm, tc.b1, tc.b2)
+        else:
+            cell.trainer = train.Trainer.create(jaxtp.Transformer.create(cfg, cell.mesh, seed=0), tc)
     except ValueError as e:  # too few devices, a mesh that does not divide heads / d_ff / the batch
         cell.row["skipped"] = str(e).split(";")[0]
-        print(f"  {name} N={cfg.n_heads} {spec} {precision}: skipped ({cell.row['skipped']})", file=sys.stderr)
+        print(f"  {name} N={cfg.n_heads} {spec} {precision} {impl}: skipped ({cell.row['skipped']})", file=sys.stderr)
         return cell
-    cell.trainer = train.Trainer.create(model, train.TrainConfig(batch_size=batch, seq_len=seq_len))
     cell.row.update(compile_step(cell), state_bytes_per_device=bytes_per_device(
         (cell.trainer.params, cell.trainer.opt_state)), flops_per_step=train.train_flops_per_step(cfg, batch, seq_len))
     cell.row["first_step_s"] = cell.step()
@@ -287,7 +300,7 @@ def finish_row(cell: TrainCell) -> dict:
     r.update(step_s=statistics.median(cell.times), step_times_s=cell.times,
              jit_cache_size=cell.trainer.step_fn._cache_size())
     r.update(tokens_per_s=r["batch"] * r["seq_len"] / r["step_s"], flops_per_s=r["flops_per_step"] / r["step_s"])
-    print(f"  {r['preset']} N={r['heads']} {r['mesh']} {r['precision']}: compile {r['compile_s']:.1f}s, "
+    print(f"  {r['preset']} N={r['heads']} {r['mesh']} {r['precision']} {r['impl']}: compile {r['compile_s']:.1f}s, "
           f"step {r['step_s'] * 1e3:.1f} ms, {r['tokens_per_s']:,.0f} tok/s, cache {r['jit_cache_size']}",
           file=sys.stderr)
     return r
@@ -313,8 +326,9 @@ def bench_train(args) -> list[dict]:
     rows = []
     for name in args.train_presets:
         for precision in args.train_precisions:
-            cells = [prepare_cell(name, precision, spec, cfg, corpus)
-                     for spec, cfg in train_cells(model_config(name), args.meshes)]
+            impls = ["jaxtp", "plain"] if args.reference and precision == "f32" and "+" not in name else ["jaxtp"]
+            cells = [prepare_cell(name, precision, spec, cfg, corpus, impl)
+                     for impl in impls for spec, cfg in train_cells(model_config(name), args.meshes)]
             live = [c for c in cells if c.trainer is not None]
             time_round_robin(live, args.repeats)
             rows += [finish_row(c) if c.trainer is not None else c.row for c in cells]
@@ -335,21 +349,32 @@ def check(preset: str, name: str, value, op: str, limit: float) -> dict:
 
 
 def overhead_checks(rows: list[dict]) -> list[dict]:
-    """Mesh/1x1 step-time ratios per model (f32, the same heads on both), mid on 2x4, and recompiles."""
+    """Mesh/1x1 step-time ratios per model (f32, the same heads on both), mid on 2x4, and recompiles; each
+    jaxtp value with the plain reference's in the same run beside it (`plain`) where that was timed."""
     f32 = [r for r in rows if r["precision"] == "f32" and "step_s" in r]
-    find = lambda preset, mesh, heads=None: next((r for r in f32 if r["preset"] == preset and r["mesh"] == mesh
-                                                  and heads in (None, r["heads"])), None)
+    find = lambda preset, mesh, heads=None, impl="jaxtp": next(
+        (r for r in f32 if r["preset"] == preset and r["mesh"] == mesh and heads in (None, r["heads"])
+         and r["impl"] == impl), None)
+
+    def ratio(preset, mesh, impl="jaxtp"):
+        r = find(preset, mesh, impl=impl)
+        ref = r and find(preset, "1x1", r["heads"], impl)
+        if not (r and ref):
+            return None, None
+        # Paired: the median over rounds of this round's step(mesh) / step(1x1), timed back to back, so a
+        # slow spell of a shared host cancels out instead of landing on one side of a ratio of medians.
+        return statistics.median(a / b for a, b in zip(r["step_times_s"], ref["step_times_s"])), r["heads"]
+
     checks = []
     for preset in dict.fromkeys(r["preset"] for r in rows):
         for mesh, limit in RATIO_TARGETS.items():
-            r = find(preset, mesh)
-            ref = r and find(preset, "1x1", r["heads"])
-            ratio = r["step_s"] / ref["step_s"] if r and ref else None
-            checks.append(check(preset, f"step({mesh})/step(1x1)" + (f" N={r['heads']}" if r else ""), ratio,
-                                "<=", limit))
-    mid = find("mid", "2x4")
-    checks += [check("mid", f"2x4 {key}", mid and mid[key], op, limit) for key, op, limit in MID_TARGETS]
-    timed = [r for r in rows if "jit_cache_size" in r]
+            value, heads = ratio(preset, mesh)
+            checks.append(dict(check(preset, f"step({mesh})/step(1x1)" + (f" N={heads}" if heads else ""), value,
+                                     "<=", limit), plain=ratio(preset, mesh, "plain")[0]))
+    mid, plain_mid = find("mid", "2x4"), find("mid", "2x4", impl="plain")
+    checks += [dict(check("mid", f"2x4 {key}", mid and mid.get(key), op, limit), plain=plain_mid and plain_mid.get(key))
+               for key, op, limit in MID_TARGETS]
+    timed = [r for r in rows if "jit_cache_size" in r and r["impl"] == "jaxtp"]
     checks.append(check("all", "jit cache size after timed steps (max)",
                         max(r["jit_cache_size"] for r in timed) if timed else None, "==", 1))
     return checks
@@ -364,7 +389,7 @@ def summarise_train(rows: list[dict]) -> tuple[str, dict, str]:
     text = (f"### overhead (f32 rows; matmul peak {used} GFLOP/s, the larger used)\n\n" +
             markdown_table(summary["checks"], [("preset", "model", ""), ("check", "check", ""),
                                                ("value", "measured", ".3g"), ("target", "target", ""),
-                                               ("status", "", "")]))
+                                               ("status", "", ""), ("plain", "plain JAX, same run", ".3g")]))
     return "overhead", summary, text
 
 
@@ -380,7 +405,8 @@ def plot_train(rows: list[dict], out: str) -> None:
     models = list(dict.fromkeys(r["preset"] for r in timed))
     if not models:
         return
-    precisions = list(dict.fromkeys(r["precision"] for r in timed))
+    series = lambda r: r["precision"] + ("" if r["impl"] == "jaxtp" else " plain JAX")
+    precisions = list(dict.fromkeys(series(r) for r in timed))
     fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.8), squeeze=False)
     for ax, name in zip(axes[0], models):
         mine = [r for r in timed if r["preset"] == name]
@@ -389,7 +415,7 @@ def plot_train(rows: list[dict], out: str) -> None:
                        key=lambda c: (variants.index(c[0]), c[1] != "1x1"))
         width = 0.8 / len(precisions)
         for i, precision in enumerate(precisions):
-            ms = {(r["heads"], r["mesh"]): 1e3 * r["step_s"] for r in mine if r["precision"] == precision}
+            ms = {(r["heads"], r["mesh"]): 1e3 * r["step_s"] for r in mine if series(r) == precision}
             ax.bar([j + i * width for j in range(len(cells))], [ms.get(c, 0) for c in cells], width,
                    color=f"C{i}", label=precision)
             for k, heads in enumerate(variants):
@@ -405,7 +431,7 @@ def plot_train(rows: list[dict], out: str) -> None:
 
 
 MiB = lambda v: f"{v / 2 ** 20:,.2f}"
-TRAIN_COLUMNS = [("preset", "model", ""), ("heads", "N", ""), ("mesh", "mesh", ""), ("precision", "precision", ""),
+TRAIN_COLUMNS = [("preset", "model", ""), ("impl", "impl", ""), ("heads", "N", ""), ("mesh", "mesh", ""), ("precision", "precision", ""),
                  ("batch", "B", ""), ("seq_len", "S", ""), ("compile_s", "compile s", ".2f"),
                  ("first_step_s", "1st step s", ".3f"), ("step_s", "step ms", lambda v: f"{v * 1e3:.1f}"),
                  ("tokens_per_s", "tok/s", ",.0f"), ("flops_per_s", "GFLOP/s", lambda v: f"{v / 1e9:.2f}"),
