@@ -6,8 +6,9 @@ run and the same rounds, says how much of a mesh's overhead any implementation p
 model of jaxtp.ModelConfig written the obvious way: 2-D weights with Megatron's shardings given to
 jit (q/k/v and gate/up column-parallel, out/down row-parallel, embedding and head split over the
 vocab; kv heads that the model axis does not divide are replicated), RoPE, RMSNorm, SwiGLU, causal GQA,
-cross-entropy on the vocab-split logits, and the same AdamW with global-norm clipping as
-jaxtp.train.TrainConfig's defaults. Parameters start from a different random draw than jaxtp's.
+cross-entropy on the vocab-split logits, and global-norm clipping + AdamW with the hyperparameters of
+jaxtp.train.TrainConfig (a constant learning rate, weight decay on every leaf: the same work per step as
+jaxtp's schedule and mask). Parameters start from a different random draw than jaxtp's.
 """
 
 from __future__ import annotations
