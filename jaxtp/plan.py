@@ -235,8 +235,6 @@ def _train_collectives(cfg, d: dict) -> list[dict]:
                 out.append(_coll("all-gather", tp, n, 1 + again, (1 + again) * BS * D * act_b,
                                  "head input gathered (fwd" + (", and again in the bwd)" if again else ")")))
                 out.append(_coll("all-gather", tp, n, 1, BS * D * act_b, "embedding output-gradient gathered (bwd)"))
-        gathers = lambda *names: any(i.path == f"blocks/0/{name}/kernel" and d["zero"](i) > 1
-                                     for i in d["infos"] for name in names)
         if d["mlp_sharded"]:
             out.append(_coll(rs, tp, n, L, L * 2 * BS * D * act_b, "MLP gate+up input-gradients (bwd)", True))
         if d["heads_sharded"]:
