@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .config import ModelConfig, to_dtype
+from .config import ModelConfig
 from .layers import Block, Embed, Linear, RMSNorm
 from .mesh import axis_size
 from .sharding import Layout, constrain
