@@ -26,7 +26,12 @@ def to_dtype(name: str | Any):
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """A decoder-only Llama-style LM (RMSNorm, RoPE, GQA attention, SwiGLU MLP, untied head)."""
+    """A decoder-only Llama-style LM (RMSNorm, RoPE, GQA attention, SwiGLU MLP).
+
+    The defaults are jaxtp's own models (untied head, no biases). The fields after `scan_layers` cover the
+    Hugging Face Llama family (jaxtp.hf): tied embeddings (Llama 3.2, Qwen2 small sizes, SmolLM2), q/k/v
+    biases (Qwen2), a per-head RMSNorm on q and k before RoPE (Qwen3) and Llama 3.1's RoPE rescaling.
+    """
 
     vocab_size: int = 256
     d_model: int = 64
@@ -43,6 +48,12 @@ class ModelConfig:
     init_std: float = 0.02
     remat: str = "none"  # per-block rematerialisation in the backward: none | full | dots
     scan_layers: bool = False  # one Block with params stacked on a leading "layers" axis, run by lax.scan
+    tie_embeddings: bool = False  # the head reads the embedding table (one vocab-parallel [V, D] array)
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2)
+    qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
+    # RoPE frequency rescaling as sorted (key, value) pairs, e.g. (("factor", 8.0), ..., ("rope_type", "llama3"));
+    # a dict is accepted and normalised (a frozen config must hash: it is part of the model's static graph).
+    rope_scaling: tuple | None = None
 
     def __post_init__(self):
         for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
@@ -63,8 +74,10 @@ class ModelConfig:
         to_dtype(self.compute_dtype)
         if self.remat not in REMAT_CHOICES:
             raise ValueError(f"ModelConfig.remat must be one of {', '.join(REMAT_CHOICES)}; got {self.remat!r}")
-        if not isinstance(self.scan_layers, bool):
-            raise ValueError(f"ModelConfig.scan_layers must be True or False, got {self.scan_layers!r}")
+        for f in ("scan_layers", "tie_embeddings", "qkv_bias", "qk_norm"):
+            if not isinstance(getattr(self, f), bool):
+                raise ValueError(f"ModelConfig.{f} must be True or False, got {getattr(self, f)!r}")
+        object.__setattr__(self, "rope_scaling", normalise_rope_scaling(self.rope_scaling))
 
     # Formula-letter aliases (THEORY.md notation).
     D = property(lambda self: self.d_model)
@@ -86,9 +99,15 @@ class ModelConfig:
 
     def param_count(self) -> int:
         """Parameters in the declared (unpadded) model."""
+        D, L, V, N, K, H = self.D, self.L, self.V, self.N, self.K, self.H
+        per_layer = 2 * D + (N * H + 2 * K * H if self.qkv_bias else 0) + (2 * H if self.qk_norm else 0)
+        return self.matmul_param_count() + L * per_layer + D + (0 if self.tie_embeddings else V * D)
+
+    def matmul_param_count(self) -> int:
+        """Weights that multiply activations (the FLOPs model's P): every block kernel and the head, which
+        is the embedding table when tied; not the embedding lookup, norms or biases."""
         D, F, L, V, N, K, H = self.D, self.F, self.L, self.V, self.N, self.K, self.H
-        per_layer = D * N * H + 2 * D * K * H + N * H * D + 3 * D * F + 2 * D
-        return L * per_layer + 2 * V * D + D
+        return L * (D * N * H + 2 * D * K * H + N * H * D + 3 * D * F) + V * D
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":
@@ -98,6 +117,27 @@ class ModelConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+ROPE_TYPES = ("default", "llama3")
+
+
+def normalise_rope_scaling(scaling) -> tuple | None:
+    """None, or sorted (key, value) pairs of a known rope_type; accepts a dict or pairs (JSON gives lists)."""
+    if scaling is None:
+        return None
+    items = dict(scaling.items() if isinstance(scaling, dict) else (tuple(kv) for kv in scaling))
+    kind = items.get("rope_type", "default")
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"ModelConfig.rope_scaling: rope_type {kind!r} is not supported; jaxtp implements "
+                         f"{', '.join(ROPE_TYPES)}")
+    if kind == "default":
+        return None
+    need = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    missing = [k for k in need if k not in items]
+    if missing:
+        raise ValueError(f"ModelConfig.rope_scaling ({kind}) lacks {', '.join(missing)}")
+    return tuple(sorted(items.items()))
 
 
 PRESETS: dict[str, ModelConfig] = {

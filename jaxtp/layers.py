@@ -47,11 +47,12 @@ class Linear(nnx.Module):
     """An einsum with a named kernel, e.g. 'bsd,dnh->bsnh' with kernel names (embed, heads, head_dim).
 
     `contract` counts the kernel's leading (input) axes; the remaining axes are outputs. Quantised
-    casts (jaxtp.quant) replace `kernel` with an int8 variable and a per-output-channel scale.
+    casts (jaxtp.quant) replace `kernel` with an int8 variable and a per-output-channel scale. With
+    `bias`, a zero-initialised bias over the output axes (named like them) is added after the matmul.
     """
 
     def __init__(self, equation: str, shape, names, *, std: float, cfg: ModelConfig, rngs: nnx.Rngs,
-                 layout: Layout | None = None):
+                 layout: Layout | None = None, bias: bool = False):
         self.equation = equation
         self.names = tuple(names)
         lhs, rhs_out = equation.split(",")
@@ -64,21 +65,29 @@ class Linear(nnx.Module):
         self.compute_dtype = to_dtype(cfg.compute_dtype)
         self.layout = layout
         self.kernel = normal_param(rngs, shape, names, std, to_dtype(cfg.param_dtype))
+        self.bias = nnx.Param(jnp.zeros(shape[self.contract:], to_dtype(cfg.param_dtype)),
+                              out_sharding=self.names[self.contract:]) if bias else None
         self.quant_mode = None  # jaxtp.quant.cast sets "int8" (weight-only) or "w8a8", adding `scale`
 
     def __call__(self, x):
         if self.quant_mode is not None:
             from .quant import quantized_einsum
 
-            return quantized_einsum(self.quant_mode, self.equation, x, self.kernel[...], self.scale[...],
-                                    self.compute_dtype)
+            y = quantized_einsum(self.quant_mode, self.equation, x, self.kernel[...], self.scale[...],
+                                 self.compute_dtype)
+            return self.add_bias(y)
 
         def matmul(x, w):
             return matmul_rows(x.astype(self.compute_dtype), self.read(w), self.contract)
 
         if self.layout is not None and self.layout.gathers(self.names):
             matmul = jax.checkpoint(matmul)  # ZeRO-3: gather again in the backward rather than keep it
-        return matmul(x, self.kernel[...])
+        return self.add_bias(matmul(x, self.kernel[...]))
+
+    def add_bias(self, y, bias=None):
+        """y + the bias (or `bias`, e.g. one expanded to replicated heads), in y's dtype; y without one."""
+        bias = self.bias[...] if bias is None and self.bias is not None else bias
+        return y if bias is None else y + bias.astype(y.dtype)
 
     def read(self, w=None):
         """The kernel as the matmul reads it: gathered where stored split over a batch axis, in the
@@ -105,21 +114,45 @@ def matmul_rows(x, w, contract: int):
 
 
 class RMSNorm(nnx.Module):
-    def __init__(self, cfg: ModelConfig, layout: Layout | None = None):
+    """RMSNorm over the last axis, the scale applied after normalising (in f32). Default: the model width
+    ("embed"); Qwen3's q/k norms use size=head_dim, names=("head_dim",)."""
+
+    def __init__(self, cfg: ModelConfig, layout: Layout | None = None, size: int | None = None,
+                 names: tuple = ("embed",)):
         self.eps = cfg.norm_eps
         self.layout = layout
-        self.scale = nnx.Param(jnp.ones((cfg.d_model,), to_dtype(cfg.param_dtype)), out_sharding=("embed",))
+        self.names = tuple(names)
+        self.scale = nnx.Param(jnp.ones((size or cfg.d_model,), to_dtype(cfg.param_dtype)), out_sharding=self.names)
 
     def __call__(self, x_BSD):
         x = x_BSD.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return (x * gathered(self.scale[...], ("embed",), self.layout).astype(jnp.float32)).astype(x_BSD.dtype)
+        return (x * gathered(self.scale[...], self.names, self.layout).astype(jnp.float32)).astype(x_BSD.dtype)
 
 
-def rope(x_BSnH, positions_BS, theta: float):
+def rope_frequencies(H: int, theta: float, scaling: tuple | None = None):
+    """The H/2 inverse frequencies, f32. Llama 3.1's scaling (rope_type "llama3") divides the frequencies
+    whose wavelength exceeds original_max_position_embeddings / low_freq_factor by `factor`, keeps those
+    shorter than .../high_freq_factor, and blends linearly in wavelength-inverse between (the same
+    formula as Meta's reference and transformers' rope utilities)."""
+    freq = theta ** (-jnp.arange(0, H // 2, dtype=jnp.float32) * 2.0 / H)
+    if scaling is None:
+        return freq
+    p = dict(scaling)
+    factor, low, high = p["factor"], p["low_freq_factor"], p["high_freq_factor"]
+    old_len = p["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / freq
+    scaled = jnp.where(wavelen > old_len / low, freq / factor, freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(medium, blended, scaled).astype(jnp.float32)
+
+
+def rope(x_BSnH, positions_BS, theta: float, scaling: tuple | None = None):
     """Rotary embedding (rotate-half form), computed in f32."""
     H = x_BSnH.shape[-1]
-    freq = theta ** (-jnp.arange(0, H // 2, dtype=jnp.float32) * 2.0 / H)
+    freq = rope_frequencies(H, theta, scaling)
     angle_BSh = positions_BS[..., None].astype(jnp.float32) * freq
     sin, cos = jnp.sin(angle_BSh)[:, :, None, :], jnp.cos(angle_BSh)[:, :, None, :]
     x = x_BSnH.astype(jnp.float32)
@@ -151,22 +184,29 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layout: Layout | None, rngs: nnx.Rngs):
         D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        self.layout, self.theta = layout, cfg.rope_theta
+        self.layout, self.theta, self.rope_scaling = layout, cfg.rope_theta, cfg.rope_scaling
         linear = functools.partial(Linear, cfg=cfg, rngs=rngs, layout=layout)
-        self.q = linear("bsd,dnh->bsnh", (D, N, H), ("embed", "heads", "head_dim"), std=std)
-        self.k = linear("bsd,dkh->bskh", (D, K, H), ("embed", "kv_heads", "head_dim"), std=std)
-        self.v = linear("bsd,dkh->bskh", (D, K, H), ("embed", "kv_heads", "head_dim"), std=std)
+        self.q = linear("bsd,dnh->bsnh", (D, N, H), ("embed", "heads", "head_dim"), std=std, bias=cfg.qkv_bias)
+        self.k = linear("bsd,dkh->bskh", (D, K, H), ("embed", "kv_heads", "head_dim"), std=std, bias=cfg.qkv_bias)
+        self.v = linear("bsd,dkh->bskh", (D, K, H), ("embed", "kv_heads", "head_dim"), std=std, bias=cfg.qkv_bias)
         self.o = linear("bsnh,nhd->bsd", (N, H, D), ("heads", "head_dim", "embed"), std=out_std)
+        norm = functools.partial(RMSNorm, cfg, layout, H, ("head_dim",))
+        self.q_norm, self.k_norm = (norm(), norm()) if cfg.qk_norm else (None, None)
+
+    def rotated(self, x_BSnH, norm, positions_BS):
+        """q or k as attention reads it: per-head RMSNorm (Qwen3's qk-norm) if any, then RoPE."""
+        x_BSnH = x_BSnH if norm is None else norm(x_BSnH)
+        return rope(x_BSnH, positions_BS, self.theta, self.rope_scaling)
 
     def project_kv(self, x_BSD, positions_BS):
         """Keys (rotated) and values, [B, S, K, H]: what the kv cache stores, and the unfused path's k, v
         (with replicated kv heads, its backward sums dK, dV over each kv group and all-gathers them)."""
-        k_BSKH = constrain(rope(self.k(x_BSD), positions_BS, self.theta), KV, self.layout)
+        k_BSKH = constrain(self.rotated(self.k(x_BSD), self.k_norm, positions_BS), KV, self.layout)
         return k_BSKH, constrain(self.v(x_BSD), KV, self.layout)
 
     def project_q(self, x_BSD, positions_BS):
         """Queries (rotated), split over heads."""
-        return constrain(rope(self.q(x_BSD), positions_BS, self.theta), HEADS, self.layout)
+        return constrain(self.rotated(self.q(x_BSD), self.q_norm, positions_BS), HEADS, self.layout)
 
     def fused(self) -> bool:
         """q, k and v run as one matmul when their kernels are float (no ZeRO gather) and the kv heads
@@ -189,11 +229,15 @@ class Attention(nnx.Module):
         w_DXCH = self.stacked_qkv_kernel()
         y_BSXCH = matmul_rows(x_BSD.astype(w_DXCH.dtype), w_DXCH, 1)
         B, S, X, C, H = y_BSXCH.shape
-        q_BSNH = constrain(rope(y_BSXCH[..., :C - 2, :].reshape(B, S, -1, H), positions_BS, self.theta),
-                           HEADS, self.layout)
+        q_BSNH = self.q.add_bias(y_BSXCH[..., :C - 2, :].reshape(B, S, -1, H))
+        q_BSNH = constrain(self.rotated(q_BSNH, self.q_norm, positions_BS), HEADS, self.layout)
+        # Replicated kv heads were projected once per query head: so are their biases.
+        expand = (lambda b: jnp.repeat(b[...], X // b.shape[0], axis=0)) if self.kv_replicated() else (lambda b: b[...])
+        k_BSXH, v_BSXH = (lin.add_bias(y_BSXCH[..., c, :], None if lin.bias is None else expand(lin.bias))
+                          for lin, c in ((self.k, C - 2), (self.v, C - 1)))
         kv_names = HEADS if self.kv_replicated() else KV
-        k_BSXH = constrain(rope(y_BSXCH[..., C - 2, :], positions_BS, self.theta), kv_names, self.layout)
-        return q_BSNH, k_BSXH, constrain(y_BSXCH[..., C - 1, :], kv_names, self.layout)
+        k_BSXH = constrain(self.rotated(k_BSXH, self.k_norm, positions_BS), kv_names, self.layout)
+        return q_BSNH, k_BSXH, constrain(v_BSXH, kv_names, self.layout)
 
     def stacked_qkv_kernel(self):
         """The q, k, v kernels stacked on a new unsplit axis C, never a split of the sharded one.
@@ -290,3 +334,14 @@ class Embed(nnx.Module):
             x_BSD = jnp.take(table, tokens_BS, axis=0).astype(self.compute_dtype)
         # Reduce the vocab-parallel partial rows on every position, then lay the stream out as RESIDUAL.
         return constrain(constrain(x_BSD, BLOCK_IN, self.layout), RESIDUAL, self.layout)
+
+    def attend(self, x_BSD):
+        """The tied head: logits [B, S, V] = x . table^T, vocab-parallel like the table (no gather of V).
+        An int8 table's per-row scale is exactly the head's per-output-channel scale."""
+        table = gathered(self.table[...], self.table_names, self.layout)
+        if self.quant_mode is not None:
+            from .quant import quantized_einsum
+
+            return quantized_einsum(self.quant_mode, "bsd,vd->bsv", x_BSD, table, self.scale[...],
+                                    self.compute_dtype)
+        return jnp.einsum("bsd,vd->bsv", x_BSD.astype(self.compute_dtype), table.astype(self.compute_dtype))

@@ -41,7 +41,8 @@ _INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
 class Transformer(nnx.Module):
-    """Decoder-only LM: vocab-parallel embedding, L blocks, final RMSNorm, untied vocab-parallel head."""
+    """Decoder-only LM: vocab-parallel embedding, L blocks, final RMSNorm, vocab-parallel head (its own
+    kernel, or with cfg.tie_embeddings the embedding table itself)."""
 
     def __init__(self, cfg: ModelConfig, *, layout: Layout | None = None, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -52,8 +53,9 @@ class Transformer(nnx.Module):
         self.blocks = stacked_blocks(cfg, layout, rngs) if cfg.scan_layers else \
             nnx.List([Block(cfg, layout, rngs) for _ in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg, layout)
-        self.head = Linear("bsd,dv->bsv", (cfg.d_model, self.padded_vocab), ("embed", "vocab"),
-                           std=cfg.init_std, cfg=cfg, rngs=rngs, layout=layout)
+        self.head = None if cfg.tie_embeddings else \
+            Linear("bsd,dv->bsv", (cfg.d_model, self.padded_vocab), ("embed", "vocab"), std=cfg.init_std, cfg=cfg,
+                   rngs=rngs, layout=layout)
 
     @classmethod
     def create(cls, cfg: ModelConfig, mesh, seed: int = 0, rules=None) -> "Transformer":
@@ -83,7 +85,8 @@ class Transformer(nnx.Module):
         return self.final_norm(x_BSD)
 
     def logits(self, x_BSD):
-        logits_BSV = constrain(self.head(x_BSD).astype(jnp.float32), LOGITS, self.layout)
+        head = self.embed.attend if self.head is None else self.head
+        logits_BSV = constrain(head(x_BSD).astype(jnp.float32), LOGITS, self.layout)
         if self.padded_vocab > self.cfg.vocab_size:  # padding columns never win
             pad_V = jnp.arange(self.padded_vocab) >= self.cfg.vocab_size
             logits_BSV = jnp.where(pad_V, -1e30, logits_BSV)

@@ -590,7 +590,7 @@ def _flops(cfg, d, batch_size, seq_len, remat, decode) -> dict:
     and remat's recomputed forward. Decode: 2*P*B + 4*L*B*S*N*H."""
     from .train import train_flops_per_step
 
-    matmul_params = cfg.param_count() - cfg.V * cfg.D - (2 * cfg.L + 1) * cfg.D
+    matmul_params = cfg.matmul_param_count()
     if decode:
         tok, per_param, attention = batch_size, 2.0, 4.0 * cfg.L * batch_size * seq_len * cfg.N * cfg.H
         model = per_param * matmul_params * tok + attention

@@ -147,7 +147,7 @@ def train_flops_per_step(cfg, batch_size: int, seq_len: int) -> float:
     """Model FLOPs per step (PaLM convention): 6*P*T over matmul params (the embedding lookup is no
     matmul; the head is) plus attention 12*L*B*S^2*N*H counted non-causally. No remat counted."""
     T = batch_size * seq_len
-    matmul_params = cfg.param_count() - cfg.vocab_size * cfg.d_model - (2 * cfg.n_layers + 1) * cfg.d_model
+    matmul_params = cfg.matmul_param_count()
     return 6.0 * matmul_params * T + 12.0 * cfg.n_layers * batch_size * seq_len ** 2 * cfg.n_heads * cfg.head_dim
 
 

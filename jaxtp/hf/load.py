@@ -1,0 +1,187 @@
+"""Stream a Hugging Face checkpoint straight onto the mesh, one device shard at a time.
+
+Every parameter is built with `jax.make_array_from_callback`: the callback receives the slice one
+device holds and reads just that slice from the safetensors file (`get_slice`), converting it on the
+way (bf16 files stay bf16 for precision="bf16"; f32 is widened per shard). Nothing is initialised at
+random and no full-model copy exists: the host holds what its devices end up holding plus one tensor's
+slices in flight. Only addressable devices call back, so each process of a multi-process run reads only
+its own devices' slices. A file is opened per parameter and closed after it, since the pages of an open
+memory map count toward the process's resident memory.
+
+precision="int8"/"w8a8" quantises while streaming with the scales `jaxtp.cast` would compute. A kernel's
+per-output-channel scale is the absmax over its contracted axes; for a row-parallel kernel (o, down)
+those axes are split across devices, so no shard can compute it alone: the scale of each checkpoint row
+(= one output channel) is first computed from the whole tensor, read in row chunks, and every shard is
+then quantised with its channels' scales. The result equals cast(load(..., "f32"), "int8") exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import ml_dtypes
+import numpy as np
+from flax import nnx
+
+from ..model import Transformer
+from ..quant import PRECISIONS, QMAX, SCALE_FLOOR, Int8Scale, Int8Weight, _convert
+from ..sharding import Layout
+from .config import from_hf
+from .files import FLOAT_DTYPES, CheckpointError, open_file, read_json, resolve, tensor_infos, weight_files
+from .mapping import IGNORED_SUFFIXES, TensorMap, layer_name, tensor_map
+
+NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+CHUNK_ELEMENTS = 1 << 24  # rows read per step when computing int8 scales: 64 MB of f32
+
+
+def load(path, mesh, *, precision: str = "f32", rules=None, max_seq_len: int | None = None, **overrides):
+    """A `Transformer` sharded on `mesh` with the weights of the checkpoint at `path` (see module doc).
+
+    `precision`: "f32" | "bf16" | "int8" | "w8a8". `rules`: a rules preset or table (default megatron).
+    `max_seq_len` overrides config.json's max_position_embeddings; `overrides` set other ModelConfig
+    fields that do not change the weights (scan_layers, remat, compute_dtype)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid precisions are {', '.join(PRECISIONS)}")
+    directory = resolve(path)
+    hf = read_json(directory / "config.json", "a Hugging Face checkpoint needs it")
+    cfg = from_hf(hf, max_seq_len, where=str(directory / "config.json"), **overrides)
+    layout = Layout.create(cfg, mesh, rules)
+    files = weight_files(directory)
+    infos = tensor_infos(files)
+
+    def build(precision):
+        with nnx.use_eager_sharding(False):
+            model = Transformer(cfg, layout=layout, rngs=nnx.Rngs(0))
+            return model if precision == "f32" else _convert(model, precision)
+
+    float_maps = {p: _map_of(p, v, cfg) for p, v in nnx.to_flat_state(nnx.state(nnx.eval_shape(lambda: build("f32"))))}
+    _check(float_maps, infos, cfg, directory)
+    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(precision)))
+    shardings = dict(nnx.to_flat_state(layout.state_shardings(abstract)))
+    reader = _Reader(files, infos)
+    arrays = []
+    for path, var in nnx.to_flat_state(abstract):
+        source = path if not isinstance(var, Int8Scale) else path[:-1] + (("table",) if path[0] == "embed" else ("kernel",))
+        sharding = shardings[path]
+        sharding = sharding.value if isinstance(sharding, nnx.Variable) else sharding
+        arrays.append((path, var.replace(reader.array(var, float_maps[source], sharding))))
+    return nnx.merge(graphdef, nnx.from_flat_state(arrays))
+
+
+def _map_of(path, var, cfg) -> tuple[list[str], TensorMap, int | None]:
+    """(HF names, one per layer; the map; the stacked layer count or None) of a float parameter."""
+    names = var.get_metadata().get("out_sharding") or ()
+    stacked = bool(names) and names[0] == "layers"
+    key = "/".join(map(str, path))
+    tm = tensor_map(key, tuple(var.shape[1:] if stacked else var.shape), cfg.vocab_size)
+    if not key.startswith("blocks/"):
+        return [tm.hf_name], tm, None
+    layers = range(cfg.n_layers) if stacked else [int(path[1])]
+    return [layer_name(tm.hf_name, i) for i in layers], tm, (cfg.n_layers if stacked else None)
+
+
+def _check(maps, infos, cfg, directory):
+    """Every tensor the model needs is present with its shape and a float dtype; nothing unknown is left."""
+    expected = {n: tm for names, tm, _ in maps.values() for n in names}
+    for name, tm in expected.items():
+        if name not in infos:
+            raise CheckpointError(f"{directory} lacks tensor {name!r} that config.json implies; the weights do not "
+                                  "match config.json (wrong architecture or an incomplete download)")
+        shape, dtype = infos[name]
+        if shape != tm.hf_shape:
+            raise CheckpointError(f"tensor {name!r} has shape {list(shape)} but config.json implies "
+                                  f"{list(tm.hf_shape)}; the weights and config.json disagree")
+        if dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"tensor {name!r} has dtype {dtype}; jaxtp.hf loads float checkpoints "
+                                  f"({', '.join(FLOAT_DTYPES)}), not pre-quantised ones")
+    extra = [n for n in infos if n not in expected and not n.endswith(IGNORED_SUFFIXES)
+             and not (cfg.tie_embeddings and n == "lm_head.weight")]
+    if extra:
+        raise CheckpointError(f"{directory} holds {len(extra)} tensor(s) that config.json does not imply, e.g. "
+                              f"{extra[0]!r}; the weights do not match config.json")
+
+
+class _Reader:
+    """Reads jaxtp shards out of the checkpoint's files, opening each file per parameter."""
+
+    def __init__(self, files, infos):
+        self.files, self.infos = files, infos
+        self.handles = {}
+
+    def get(self, name, hf_index):
+        if any(s.stop <= s.start for s in hf_index):  # wholly inside the vocab padding
+            return np.zeros([s.stop - s.start for s in hf_index], _numpy_dtype(self.infos[name][1]))
+        file = self.files[name]
+        if file not in self.handles:
+            self.handles[file] = open_file(file).__enter__()
+        return self.handles[file].get_slice(name)[hf_index]
+
+    def close(self):
+        for h in self.handles.values():
+            h.__exit__(None, None, None)
+        self.handles.clear()
+
+    def array(self, var, mapping, sharding) -> jax.Array:
+        names, tm, stacked = mapping
+        shape = tuple(var.shape)
+        per_layer = shape[1:] if stacked else shape
+        int8 = isinstance(var, Int8Weight)
+        if isinstance(var, Int8Scale) or int8:
+            kernel_shape = per_layer if int8 else None
+            scales = [self.row_scales(n, tm) for n in names]
+        cache = {}
+
+        def one_layer(name, i, index):
+            if isinstance(var, Int8Scale):
+                return _scale_array(scales[i], per_layer)[index]
+            w = tm.read(lambda hf_index: self.get(name, hf_index), per_layer, index)
+            if int8:
+                s = _scale_array(scales[i], _scale_shape(kernel_shape, tm))
+                s = s[tuple(index[d] if d in tm.row_axis_dims() else slice(None) for d in range(len(index)))]
+                w = w.astype(np.float32)
+                return np.clip(np.round(w / s), -QMAX, QMAX).astype(np.int8)
+            return w.astype(NUMPY_DTYPES[str(var.dtype)])
+
+        def callback(index):
+            index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+            key = tuple((s.start, s.stop) for s in index)
+            if key not in cache:  # replicas (e.g. the data axis) share one read
+                if stacked:
+                    cache[key] = np.stack([one_layer(names[i], i, index[1:]) for i in range(*index[0].indices(stacked)[:2])])
+                else:
+                    cache[key] = one_layer(names[0], 0, index)
+            return cache[key]
+
+        try:
+            return jax.make_array_from_callback(shape, sharding, callback)
+        finally:
+            self.close()
+
+    def row_scales(self, name, tm: TensorMap) -> np.ndarray:
+        """max(|row|) / 127 (floored) for every row of HF tensor `name`: one output channel's int8 scale."""
+        rows, cols = self.infos[name][0][0], math.prod(self.infos[name][0][1:])
+        step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+        absmax = np.empty((rows,), np.float32)
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            chunk = self.get(name, (slice(r0, r1),) + tuple(slice(0, n) for n in self.infos[name][0][1:]))
+            absmax[r0:r1] = np.max(np.abs(chunk.astype(np.float32)).reshape(r1 - r0, -1), axis=1)
+        self.close()
+        return np.maximum(absmax / np.float32(QMAX), np.float32(SCALE_FLOOR))
+
+
+def _scale_shape(kernel_shape, tm: TensorMap):
+    rows = tm.row_axis_dims()
+    return tuple(n if d in rows else 1 for d, n in enumerate(kernel_shape))
+
+
+def _scale_array(row_scales, scale_shape) -> np.ndarray:
+    """Per-row scales laid out as the jaxtp scale (contracted dims 1); vocab padding rows get the floor."""
+    full = math.prod(scale_shape)
+    padded = np.pad(row_scales, (0, full - row_scales.size), constant_values=np.float32(SCALE_FLOOR))
+    return padded.reshape(scale_shape)
+
+
+def _numpy_dtype(st_dtype: str):
+    return {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16}[st_dtype]
