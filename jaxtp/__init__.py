@@ -29,3 +29,6 @@ __all__ += ["plan", "Plan", "HARDWARE"]
 from . import checkpoint  # noqa: E402
 from .checkpoint import save, load  # noqa: E402
 __all__ += ["checkpoint", "save", "load"]
+
+from . import hf  # noqa: E402  (jaxtp.hf.load / save / config / tokenizer: Hugging Face checkpoints)
+__all__ += ["hf"]

@@ -63,10 +63,16 @@ def quantize(w, axes) -> tuple[jax.Array, jax.Array]:
     """Symmetric absmax int8 over `axes` (keepdims): w ~= q * scale, q in [-127, 127], scale f32."""
     w = jnp.asarray(w).astype(jnp.float32)
     axes = tuple(axes)
-    absmax = jnp.max(jnp.abs(w), axis=axes, keepdims=True)
-    scale = jnp.maximum(absmax / QMAX, SCALE_FLOOR)
+    scale = channel_scale(jnp.max(jnp.abs(w), axis=axes, keepdims=True))
     q = jnp.clip(jnp.round(w / scale), -QMAX, QMAX).astype(jnp.int8)
     return q, scale
+
+
+def channel_scale(absmax):
+    """A channel's int8 scale from its absmax. jaxtp.hf's streaming loader runs this same function under jit,
+    so its scales equal cast's bit for bit (XLA turns the division by a constant into a multiplication by
+    its reciprocal, which numpy's division would not match)."""
+    return jnp.maximum(absmax / QMAX, SCALE_FLOOR)
 
 
 def dequantize(q, scale, dtype=jnp.float32):

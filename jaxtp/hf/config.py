@@ -109,7 +109,3 @@ def to_hf(cfg: ModelConfig, dtype: str, architecture: str | None = None, extra: 
         if extra and key in extra:
             out[key] = extra[key]
     return out
-
-
-def checkpoint_dir(path) -> pathlib.Path:
-    return resolve(path)

@@ -25,7 +25,7 @@ import numpy as np
 from flax import nnx
 
 from ..model import Transformer
-from ..quant import PRECISIONS, QMAX, SCALE_FLOOR, Int8Scale, Int8Weight, _convert
+from ..quant import PRECISIONS, QMAX, SCALE_FLOOR, Int8Scale, Int8Weight, _convert, channel_scale
 from ..sharding import Layout
 from .config import from_hf
 from .files import FLOAT_DTYPES, CheckpointError, open_file, read_json, resolve, tensor_infos, weight_files
@@ -33,6 +33,7 @@ from .mapping import IGNORED_SUFFIXES, TensorMap, layer_name, tensor_map
 
 NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 CHUNK_ELEMENTS = 1 << 24  # rows read per step when computing int8 scales: 64 MB of f32
+_channel_scale = jax.jit(channel_scale)
 
 
 def load(path, mesh, *, precision: str = "f32", rules=None, max_seq_len: int | None = None, **overrides):
@@ -168,7 +169,8 @@ class _Reader:
             chunk = self.get(name, (slice(r0, r1),) + tuple(slice(0, n) for n in self.infos[name][0][1:]))
             absmax[r0:r1] = np.max(np.abs(chunk.astype(np.float32)).reshape(r1 - r0, -1), axis=1)
         self.close()
-        return np.maximum(absmax / np.float32(QMAX), np.float32(SCALE_FLOOR))
+        with jax.default_device(jax.devices("cpu")[0]):
+            return np.asarray(_channel_scale(absmax))
 
 
 def _scale_shape(kernel_shape, tm: TensorMap):
