@@ -1,5 +1,9 @@
 """Bytes in, global batches out: a byte tokenizer, three corpora, and batches sharded over `data`.
 
+A corpus can also be tokenised with a Hugging Face checkpoint's tokenizer (`tokenize`): batches then
+hold its token ids, and the held-out tokens keep the UTF-8 bytes they cover, so held-out loss can still
+be read in bits per byte.
+
 Every row of every batch is a pure function of (seed, step, row), so any process can build exactly
 the rows its devices hold (jax.make_array_from_callback asks only for those) and a resumed run sees
 the same batches as an uninterrupted one.
@@ -34,11 +38,15 @@ def decode(ids) -> str:
 @dataclasses.dataclass
 class Corpus:
     name: str
-    train: np.ndarray  # uint8
-    heldout: np.ndarray  # uint8
+    train: np.ndarray  # uint8 bytes, or int32 token ids
+    heldout: np.ndarray  # uint8 bytes, or int32 token ids
     entropy_floor: float | None = None  # nats/byte, known only for the synthetic corpus
+    heldout_token_bytes: np.ndarray | None = None  # UTF-8 bytes each held-out token covers; None: tokens are bytes
 
     def describe(self) -> str:
+        if self.heldout_token_bytes is not None:
+            return (f"{self.name}: {len(self.train):,} train tokens, {len(self.heldout):,} held-out tokens "
+                    f"({int(self.heldout_token_bytes.sum()):,} bytes)")
         floor = f", entropy floor {self.entropy_floor:.3f} nats/byte" if self.entropy_floor else ""
         return f"{self.name}: {len(self.train):,} train bytes, {len(self.heldout):,} held-out bytes{floor}"
 
@@ -83,7 +91,29 @@ def _text_file(path: str) -> Corpus:
     if b"\x00" in raw:
         raise ValueError(f"data file {path!r} looks binary (contains NUL bytes); give a UTF-8 text file")
     cut = int(len(raw) * 0.9)
+    while cut < len(raw) and raw[cut] & 0xC0 == 0x80:  # not inside a character: both splits stay valid UTF-8
+        cut += 1
     return Corpus(p.name, np.frombuffer(raw[:cut], np.uint8), np.frombuffer(raw[cut:], np.uint8))
+
+
+def tokenize(corpus: Corpus, tokenizer) -> Corpus:
+    """`corpus` as token ids of `tokenizer` (a jaxtp.hf.Tokenizer): each split is encoded as one text, without
+    special tokens; the held-out tokens keep the bytes they cover (for bits/byte)."""
+    train_text, heldout_text = (bytes(split).decode("utf-8", "replace") for split in (corpus.train, corpus.heldout))
+    train = np.asarray(tokenizer.encode(train_text, add_special_tokens=False), np.int32)
+    heldout, token_bytes = _ids_and_bytes(tokenizer, heldout_text)
+    return Corpus(corpus.name, train, heldout, heldout_token_bytes=token_bytes)
+
+
+def _ids_and_bytes(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of `text` and the UTF-8 bytes each covers. Tokens split inside a character share its
+    character offsets, so token t is given the characters between the furthest end before it and its own
+    end: the tokens tile the text and their bytes sum to the bytes encoded."""
+    enc = tokenizer._tok.encode(text, add_special_tokens=False)  # jaxtp.hf.Tokenizer.encode gives ids, not offsets
+    ends_T = np.maximum.accumulate(np.array([end for _, end in enc.offsets], np.int64).reshape(-1))
+    raw = np.frombuffer(text.encode("utf-8"), np.uint8)
+    char_start_C1 = np.append(np.flatnonzero(raw & 0xC0 != 0x80), len(raw))  # byte offset of every character
+    return np.asarray(enc.ids, np.int32), np.diff(char_start_C1[ends_T], prepend=0)
 
 
 def synthetic_markov(seed: int = 0, n_symbols: int = 16, n_bytes: int = 600_000, alpha: float = 0.3) -> Corpus:
@@ -141,19 +171,33 @@ def train_batch(data: np.ndarray, mesh, batch_size: int, seq_len: int, seed: int
     return jax.make_array_from_callback((batch_size, seq_len + 1), batch_sharding(mesh), rows)
 
 
+def eval_starts(n_tokens: int, batch_size: int, seq_len: int, max_batches: int = 8) -> np.ndarray:
+    """Start offsets of the held-out windows `eval_batches` takes: non-overlapping, in order."""
+    n_windows = min((n_tokens - 1) // seq_len, batch_size * max_batches) // batch_size * batch_size
+    if n_windows == 0:
+        raise ValueError(f"held-out split has {n_tokens} tokens, too few for one batch of {batch_size} "
+                         f"windows of {seq_len}; use a larger data file or smaller --batch-size/--seq-len")
+    return np.arange(n_windows) * ((n_tokens - seq_len - 1) // n_windows)
+
+
 def eval_batches(data: np.ndarray, mesh, batch_size: int, seq_len: int, max_batches: int = 8) -> list:
     """Non-overlapping held-out windows, in order, as global batches (same on every mesh)."""
     check_batch(batch_size, mesh)
-    n_windows = min((len(data) - 1) // seq_len, batch_size * max_batches) // batch_size * batch_size
-    if n_windows == 0:
-        raise ValueError(f"held-out split has {len(data)} bytes, too few for one batch of {batch_size} "
-                         f"windows of {seq_len}; use a larger data file or smaller --batch-size/--seq-len")
-    stride = (len(data) - seq_len - 1) // n_windows
+    starts = eval_starts(len(data), batch_size, seq_len, max_batches)
     out = []
-    for b in range(n_windows // batch_size):
+    for b in range(len(starts) // batch_size):
         def rows(index, b=b):
             rs = range(*index[0].indices(batch_size))
-            return np.stack([data[(b * batch_size + r) * stride:(b * batch_size + r) * stride + seq_len + 1]
+            return np.stack([data[starts[b * batch_size + r]:starts[b * batch_size + r] + seq_len + 1]
                              for r in rs]).astype(np.int32)[:, index[1]]
         out.append(jax.make_array_from_callback((batch_size, seq_len + 1), batch_sharding(mesh), rows))
     return out
+
+
+def eval_bytes(corpus: Corpus, batch_size: int, seq_len: int, max_batches: int = 8) -> int:
+    """UTF-8 bytes of the held-out text that the targets of `eval_batches` (tokens 1..S of each window) cover."""
+    starts = eval_starts(len(corpus.heldout), batch_size, seq_len, max_batches)
+    if corpus.heldout_token_bytes is None:
+        return len(starts) * seq_len
+    before = np.concatenate([[0], np.cumsum(corpus.heldout_token_bytes)])  # bytes before token t
+    return int(np.sum(before[starts + seq_len + 1] - before[starts + 1]))

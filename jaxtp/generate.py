@@ -325,7 +325,7 @@ def _prepare(model, prompt_tokens_BS, max_new_tokens, temperature, top_k, top_p,
 def generate(model, prompt_tokens_BS, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, eos_id: int | None = None,
              prompt_lengths: Sequence[int] | None = None, *, cache_len: int | None = None,
-             return_logits: bool = False, stats: dict | None = None):
+             return_logits: bool = False, stats: dict | None = None, on_token=None):
     """Generate `max_new_tokens` tokens per row after a right-padded prompt batch.
 
     Returns an int32 numpy array [B, max_new_tokens] (with `return_logits`, also the float32 logits
@@ -333,6 +333,8 @@ def generate(model, prompt_tokens_BS, max_new_tokens: int, temperature: float = 
     padding, position, EOS and sampling conventions. `cache_len` (default prompt + new tokens, at most
     max_seq_len) fixes the cache length so calls with different lengths share one compiled step.
     `stats`, if given, receives prefill/decode wall times and token counts (for benchmarks).
+    `on_token`, if given, is called with each step's tokens (numpy int32 [B]) as soon as they are sampled,
+    for streaming; it makes every step wait for its token on the host.
     """
     tokens, offsets, n_prompt, B, T = _prepare(model, prompt_tokens_BS, max_new_tokens, temperature, top_k, top_p,
                                                eos_id, prompt_lengths, cache_len)
@@ -350,12 +352,16 @@ def generate(model, prompt_tokens_BS, max_new_tokens: int, temperature: float = 
     if stats is not None:
         tok_B.block_until_ready()
     t1 = time.perf_counter()
+    if on_token is not None:
+        on_token(_to_host(tok_B)[:B])
     out, logits, S = [tok_B], [logits_BV], tokens.shape[1]
     for i in range(1, max_new_tokens):  # step i feeds token i-1 at cache slot S+i-1 and samples token i
         caches, tok_B, done_B, logits_BV = _decode_step_jit(
             graphdef, mode, state, caches, tok_B, jnp.int32(S + i - 1), offset_B, done_B, key, jnp.int32(i),
             *sampling, eos)
         out.append(tok_B)
+        if on_token is not None:
+            on_token(_to_host(tok_B)[:B])
         if return_logits:
             logits.append(logits_BV)
         if eos_id is not None and i % 8 == 0 and bool(jnp.all(done_B)):

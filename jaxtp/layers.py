@@ -135,7 +135,7 @@ def rope_frequencies(H: int, theta: float, scaling: tuple | None = None):
     whose wavelength exceeds original_max_position_embeddings / low_freq_factor by `factor`, keeps those
     shorter than .../high_freq_factor, and blends linearly in wavelength-inverse between (the same
     formula as Meta's reference and transformers' rope utilities)."""
-    freq = theta ** (-jnp.arange(0, H // 2, dtype=jnp.float32) * 2.0 / H)
+    freq = 1.0 / (theta ** (jnp.arange(0, H // 2, dtype=jnp.float32) * 2.0 / H))
     if scaling is None:
         return freq
     p = dict(scaling)

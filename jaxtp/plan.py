@@ -267,11 +267,12 @@ def _train_collectives(cfg, d: dict) -> list[dict]:
                          "block weights gathered where read (fwd)", True))
         out.append(_coll("all-gather", zf, nf, L * len(mat), L * sum(map(g, mat)),
                          "block matmul weights gathered again (bwd)", True))
-        fwd_only = [i for p, i in rest.items() if p != "head/kernel"]
+        head = head_path(cfg)  # a tied table is gathered as the head is (the lookup shares its forward gather)
+        fwd_only = [i for p, i in rest.items() if p != head]
         out.append(_coll("all-gather", zf, nf, len(fwd_only), sum(map(g, fwd_only)),
                          "embedding table and final norm gathered (fwd)"))
-        if "head/kernel" in rest:
-            out.append(_coll("all-gather", zf, nf, 2, 2 * g(rest["head/kernel"]), "head gathered (fwd and bwd)"))
+        if head in rest:
+            out.append(_coll("all-gather", zf, nf, 2, 2 * g(rest[head]), "head gathered (fwd and bwd)"))
     if nd > 1:
         full = d["grad_bytes"] + 4
         if d["nf"] > 1 and d["forms_rs"]:  # ZeRO: reduce-scatter over the fsdp axes, then the data axes
@@ -353,6 +354,11 @@ def _activation_bytes_per_token_layer(cfg, d, c: int) -> int:
     sp = d["n"] if d["sp"] else 1
     return (2 * cfg.D * 4 // sp + 2 * cfg.D * c + 2 * cfg.D * c // sp + 4 * d["N_l"] * cfg.H * c
             + 2 * d["N_l"] * d["S"] * 4 + 5 * d["F_l"] * c)
+
+
+def head_path(cfg) -> str:
+    """The parameter the head reads: its own kernel, or the embedding table when tied."""
+    return "embed/table" if cfg.tie_embeddings else "head/kernel"
 
 
 def _memory(cfg, d, remat, decode: bool, opt_bytes: int, head_grad: int) -> dict:
@@ -482,7 +488,7 @@ def plan(cfg: ModelConfig | str, mesh, *, batch_size: int, seq_len: int, param_d
                         "frees little (L=8: 597 -> 540 MiB, scanned 727 -> 134 MiB); set scan_layers=True")
 
     opt_bytes = 0 if decode else optimizer_bytes(infos, optimizer)
-    head_grad = next(i.local_bytes for i in infos if i.path == "head/kernel")
+    head_grad = next(i.local_bytes for i in infos if i.path == head_path(cfg))
     memory = _memory(cfg, d, remat, decode, opt_bytes, head_grad)
     flops = _flops(cfg, d, batch_size, seq_len, remat, decode)
     items = (_decode_collectives if decode else _train_collectives)(cfg, d)
@@ -550,7 +556,7 @@ def _dims(cfg, ms: MeshShape, rules, batch_size, seq_len, hw):
     d["zero_axis"] = "+".join(zero_axes) or "fsdp"
     d["data_only_axis"] = "+".join(a for a in dp_axes if a not in zero_axes) or "data"
     d["grad_bytes"] = sum(i.local_bytes * d["zero"](i) for i in infos)  # gradients as the backward leaves them
-    d["zero_head"] = next(d["zero"](i) for i in infos if i.path == "head/kernel")
+    d["zero_head"] = next(d["zero"](i) for i in infos if i.path == head_path(cfg))
     d["zero_layer_bytes"] = sum(i.local_bytes * d["zero"](i) for i in infos if i.path.startswith("blocks/0/")) \
         if d["nf"] > 1 else 0
     # q/k/v run as one matmul over kernels stacked in the compute dtype (layers.Attention.fused) when they

@@ -65,7 +65,7 @@ def load(path, mesh, *, precision: str = "f32", rules=None, max_seq_len: int | N
     for path, var in nnx.to_flat_state(abstract):
         source = path if not isinstance(var, Int8Scale) else path[:-1] + (("table",) if path[0] == "embed" else ("kernel",))
         sharding = shardings[path]
-        sharding = sharding.value if isinstance(sharding, nnx.Variable) else sharding
+        sharding = sharding.get_value() if isinstance(sharding, nnx.Variable) else sharding
         arrays.append((path, var.replace(reader.array(var, float_maps[source], sharding))))
     return nnx.merge(graphdef, nnx.from_flat_state(arrays))
 

@@ -70,6 +70,19 @@ class _TemplateNamespace(jinja2.utils.Namespace):
             raise jinja2.exceptions.SecurityError(f"chat templates cannot set underscore attributes ({name!r})")
 
 
+class _Generation(jinja2.ext.Extension):
+    """`{% generation %}...{% endgeneration %}` renders its body, as in transformers (which also tracks the span)."""
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller):
+        return caller()
+
+
 def _raise_exception(message):
     raise jinja2.exceptions.TemplateError(message)
 
@@ -81,11 +94,11 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 
 @functools.lru_cache(maxsize=16)
 def _compile(source: str) -> jinja2.Template:
-    """Compile in the sandbox with transformers' options (`{% generation %}` is not supported)."""
+    """Compile in the sandbox with transformers' options, extensions, filters and globals."""
     if tuple(int(p) for p in jinja2.__version__.split(".")[:3] if p.isdigit()) < (3, 1, 6):
         raise ImportError(f"jinja2 {jinja2.__version__} has known sandbox escapes; pip install -U 'jinja2>=3.1.6'")
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise_exception, dict=_TemplateDict(), namespace=_TemplateNamespace,
                        strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
@@ -183,7 +196,8 @@ class Tokenizer:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
-        text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        ids = [int(ids)] if not hasattr(ids, "__iter__") else [int(i) for i in ids]  # numpy/jax ids welcome
+        text = self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
         if self._clean_up:  # transformers' clean_up_tokenization, for WordPiece-era tokenizers
             for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
                                   (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
@@ -198,9 +212,12 @@ class Tokenizer:
             chat_template = templates[chat_template]
         elif chat_template is None:
             name = "tool_use" if tools is not None and "tool_use" in templates else "default"
-            if name not in templates:
+            if not templates:
                 raise ValueError(f"{self.path} has no chat template (tokenizer_config.json 'chat_template' or "
                                  "chat_template.jinja); pass chat_template=... or add one to the checkpoint")
+            if name not in templates:
+                raise ValueError(f"{self.path} has chat templates {sorted(templates)} but none named 'default'; "
+                                 "pass chat_template=NAME")
             chat_template = templates[name]
         if not messages:
             raise ValueError("cannot apply a chat template to an empty conversation")
