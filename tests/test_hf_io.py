@@ -188,3 +188,18 @@ def test_prompt_longer_than_context(checkpoints, mesh):
     model = jaxtp.hf.load(checkpoints["llama"], mesh, max_seq_len=16)
     with pytest.raises(ValueError, match="exceeds the model's max_seq_len=16"):
         jaxtp.generate(model, np.ones((2, 14), np.int32), max_new_tokens=4)
+
+
+@pytest.mark.parametrize("kind", ["llama32", "qwen2", "qwen3"])
+def test_new_weights_cast_and_checkpoint(checkpoints, mesh, kind, tmp_path):
+    """Tied tables, biases, qk-norm scales and rope scaling go through cast and Orbax checkpoints like any weight."""
+    model = jaxtp.hf.load(checkpoints[kind], mesh)
+    tokens = jax.numpy.asarray(PROMPT_BS)
+    ref = np.asarray(model(tokens))
+    for precision in ("bf16", "int8", "w8a8"):
+        out = np.asarray(jaxtp.cast(model, precision)(tokens), np.float32)
+        assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 5e-2, precision
+    jaxtp.save(tmp_path / "ckpt", model)
+    restored = jaxtp.load(tmp_path / "ckpt", jaxtp.make_mesh("1x8"))
+    assert restored.cfg == model.cfg
+    np.testing.assert_allclose(np.asarray(restored(tokens)), ref, rtol=1e-5, atol=1e-5)
