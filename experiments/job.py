@@ -20,6 +20,7 @@ from jaxtp.mesh import describe_mesh
 
 PRECISIONS = ("f32", "bf16", "int8", "w8a8")
 SAMPLE_PROMPT = "def "
+SAMPLE_PROMPT_TOKENS = 8  # --hf: the sample continues the held-out text's first tokens
 
 
 def section(title: str):
@@ -34,22 +35,35 @@ def fmt_bytes(n: float) -> str:
 
 
 class TrainingJob:
+    """`hf`: fine-tune that Hugging Face checkpoint (its config is `cfg`) on `corpus` tokenised with `tokenizer`,
+    and write the result to `export_hf` if given; otherwise train `cfg` from scratch on bytes."""
+
     def __init__(self, out: pathlib.Path, cfg, tc, mesh, corpus, sample_len: int = 200, checkpoint_every: int = 0,
-                 keep: int = 3, resume: bool = False, rules: str = "megatron", lean: bool = False):
+                 keep: int = 3, resume: bool = False, rules: str = "megatron", lean: bool = False, hf=None,
+                 tokenizer=None, export_hf=None):
         self.out, self.cfg, self.tc, self.mesh, self.corpus, self.sample_len = out, cfg, tc, mesh, corpus, sample_len
         self.checkpoint_every, self.resume, self.rules, self.lean = checkpoint_every, resume, rules, lean
+        self.hf, self.tokenizer, self.export_hf = hf, tokenizer, export_hf
+        self.unit = "byte" if tokenizer is None else "token"
         self.ckpts = checkpoint.TrainCheckpoints(out / "checkpoints", keep) if checkpoint_every or resume else None
         self.report: dict = {"mesh": dict(mesh.shape), "rules": rules, "model": cfg.to_dict(), "train": tc.__dict__,
                              "data": corpus.describe()}
+        if hf:
+            self.report["hf"] = str(hf)
 
     def run(self):
         self.show_layout()
+        self.eval_batches = data.eval_batches(self.corpus.heldout, self.mesh, self.tc.batch_size, self.tc.seq_len)
+        if self.hf:  # the checkpoint as loaded: what fine-tuning starts from
+            self.report["eval_before"] = self.per_byte(train.evaluate(self.model, self.eval_batches))
         self.trainer = train.Trainer.create(self.model, self.tc)
         self.losses = self.restore() if self.resume else []
         self.compile_and_inspect()
         self.train()
         self.evaluate()
         self.timing()
+        if self.export_hf:
+            self.export()
         self.write()
 
     def show_layout(self):
@@ -57,13 +71,20 @@ class TrainingJob:
         print(describe_mesh(self.mesh))
         section(f"rules {self.rules!r} (logical axis -> mesh axis)")
         t = time.perf_counter()
-        self.model = jaxtp.Transformer.create(self.cfg, self.mesh, seed=self.tc.seed, rules=self.rules)
+        if self.hf:
+            c = self.cfg
+            self.model = jaxtp.hf.load(self.hf, self.mesh, rules=self.rules, scan_layers=c.scan_layers, remat=c.remat,
+                                       compute_dtype=c.compute_dtype)
+        else:
+            self.model = jaxtp.Transformer.create(self.cfg, self.mesh, seed=self.tc.seed, rules=self.rules)
         self.report["init_s"] = time.perf_counter() - t
         for name, target in self.model.layout.table():
             print(f"  {name:9s} -> {target}")
         section("parameters")
         table = jaxtp.param_table(self.model)
         self.report["params"] = table.total_params
+        if self.hf:
+            print(f"loaded {self.hf} in {self.report['init_s']:.1f} s")
         print(f"{self.cfg.n_layers} layers, d_model {self.cfg.d_model}, {self.cfg.n_heads} heads "
               f"({self.cfg.n_kv_heads} kv), d_ff {self.cfg.d_ff}, vocab {self.cfg.vocab_size} -> "
               f"{table.total_params:,} parameters")
@@ -145,6 +166,8 @@ class TrainingJob:
 
     def train(self):
         section(f"training: {self.corpus.describe()}")
+        if "eval_before" in self.report:
+            print(f"  held-out before fine-tuning: {self.format_loss(self.report['eval_before'])}")
         tr, tc = self.trainer, self.tc
         losses, times = self.losses, []
         tokens = tc.batch_size * tc.seq_len
@@ -170,32 +193,68 @@ class TrainingJob:
         self.report["loss"] = losses
         self.step_times = times
 
+    def per_byte(self, r: dict) -> dict:
+        """Token runs: bits/byte = total nats over the held-out targets / ln 2 / the UTF-8 bytes they cover
+        (byte runs: train.evaluate's loss / ln 2 already is)."""
+        if self.tokenizer is not None:
+            tokens = len(self.eval_batches) * self.tc.batch_size * self.tc.seq_len
+            n_bytes = data.eval_bytes(self.corpus, self.tc.batch_size, self.tc.seq_len)
+            r["bits_per_byte"] = r["loss"] * tokens / math.log(2) / n_bytes
+        return r
+
+    def format_loss(self, r: dict) -> str:
+        return (f"{r['loss']:.4f} nats/{self.unit} = {r['bits_per_byte']:.3f} bits/byte, "
+                f"perplexity {r['perplexity']:.2f}")
+
     def evaluate(self):
         section("held-out evaluation")
-        batches = data.eval_batches(self.corpus.heldout, self.mesh, self.tc.batch_size, self.tc.seq_len)
+        batches = self.eval_batches
         model = self.trainer.model
         ev = {} if self.lean else jaxtp.precision_report(model, batches, PRECISIONS)
-        f32 = train.evaluate(model, batches)
-        ev["f32"] = {**ev.get("f32", {}), **f32}
+        ev["f32"] = {**ev.get("f32", {}), **train.evaluate(model, batches)}
+        for r in ev.values():
+            self.per_byte(r)
+        f32 = ev["f32"]
         self.report["eval"] = ev
-        print(f"  f32: {f32['loss']:.4f} nats/byte = {f32['bits_per_byte']:.3f} bits/byte, "
-              f"perplexity {f32['perplexity']:.2f}   (uniform bytes: {math.log(256):.2f} nats)")
+        uniform = math.log(256) if self.tokenizer is None else math.log(self.cfg.vocab_size)
+        print(f"  f32: {self.format_loss(f32)}   (uniform {self.unit}s: {uniform:.2f} nats)")
         if len(ev) > 1:
-            print(f"  {'precision':9s} {'bytes/device':>14s} {'nats/byte':>10s} {'delta vs f32':>13s} "
-                  f"{'top-1 agree':>11s} {'KL':>9s}")
+            tokens = self.tokenizer is not None  # bits/byte differs from nats per token / ln 2: a column of its own
+            print(f"  {'precision':9s} {'bytes/device':>14s} {'nats/' + self.unit:>10s} {'delta vs f32':>13s} "
+                  f"{'top-1 agree':>11s} {'KL':>9s}" + (f" {'bits/byte':>9s}" if tokens else ""))
             for p, r in ev.items():
                 print(f"  {p:9s} {fmt_bytes(r.get('bytes_per_device', 0)):>14s} {r['loss']:10.4f} "
                       f"{r.get('delta_vs_f32', 0.0):+13.5f} {r.get('top1_agreement', 1.0):11.4f} "
-                      f"{r.get('kl_vs_f32', 0.0):9.2e}")
+                      f"{r.get('kl_vs_f32', 0.0):9.2e}" + (f" {r['bits_per_byte']:9.3f}" if tokens else ""))
         if self.lean:
             return
         section("sample")
-        prompt = data.encode(SAMPLE_PROMPT)[None, :]
-        n = min(self.sample_len, self.tc.seq_len - prompt.shape[1])  # stay within the trained context
-        out = jaxtp.generate(model, prompt, n, temperature=0.7, top_k=40, seed=self.tc.seed)
-        text = SAMPLE_PROMPT + data.decode(np.asarray(out)[0])
-        self.report["sample"] = text
-        print(text)
+        self.report["sample"] = self.sample(model)
+        print(self.report["sample"])
+
+    def sample(self, model) -> str:
+        """Bytes: continue "def ". --hf: continue the held-out text's first tokens, until an eos token."""
+        tok = self.tokenizer
+        prompt = (data.encode(SAMPLE_PROMPT) if tok is None
+                  else self.corpus.heldout[:min(SAMPLE_PROMPT_TOKENS, self.tc.seq_len // 2)])
+        n = min(self.sample_len, self.tc.seq_len - len(prompt))  # stay within the trained context
+        eos = None if tok is None else tok.eos_token_id
+        out = np.asarray(jaxtp.generate(model, prompt[None, :], n, temperature=0.7, top_k=40, seed=self.tc.seed,
+                                        eos_id=eos))[0]
+        if tok is None:
+            return SAMPLE_PROMPT + data.decode(out)
+        ends = [i for i, t in enumerate(out) if t in tok.eos_token_ids]
+        return tok.decode(np.concatenate([prompt, out[:ends[0] if ends else n]]))
+
+    def export(self):
+        from jaxtp.hf.config import architecture
+        from jaxtp.hf.files import read_json, resolve
+
+        section("Hugging Face export")
+        arch = architecture(read_json(resolve(self.hf) / "config.json", "the source checkpoint"))
+        path = jaxtp.hf.save(self.trainer.model, self.export_hf, tokenizer=self.tokenizer, architecture=arch)
+        self.report["export_hf"] = str(path)
+        print(f"  {path} ({arch}, loads with transformers.AutoModelForCausalLM.from_pretrained)")
 
     def timing(self):
         section("speed")
@@ -226,7 +285,7 @@ class TrainingJob:
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot(range(1, len(self.report["loss"]) + 1), self.report["loss"], lw=1, label="train")
         ax.axhline(self.report["eval"]["f32"]["loss"], color="C1", ls="--", label="held-out (end)")
-        ax.set(xlabel="step", ylabel="nats/byte", title=f"{self.cfg.n_layers}L d{self.cfg.d_model} on "
+        ax.set(xlabel="step", ylabel=f"nats/{self.unit}", title=f"{self.cfg.n_layers}L d{self.cfg.d_model} on "
                + "x".join(f"{k}={v}" for k, v in self.mesh.shape.items()))
         ax.legend()
         fig.tight_layout()

@@ -1,6 +1,7 @@
 """The main job: train a small tensor-parallel LM on a CPU mesh and report what a TP engineer wants.
 
     python experiments/run.py --mesh 2x4
+    python experiments/run.py --hf DIR --data notes.txt --mesh 2x4 --export-hf OUT   # fine-tune a checkpoint
 
 Fakes CPU devices when the machine has fewer than the mesh needs, trains on the Python standard
 library's own sources (no download), and prints: mesh and rules, parameter placement and memory per
@@ -35,15 +36,22 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mesh", default="2x4", help="mesh spec: DATAxMODEL such as 2x4, or data=2,model=4 (default 2x4)")
     p.add_argument("--model", default="small", help=f"model preset, one of {sorted(jaxtp.PRESETS)} (default small)")
+    p.add_argument("--hf", default=None, metavar="DIR",
+                   help="fine-tune this Hugging Face checkpoint (Llama, Mistral, Qwen2, Qwen3) instead of training "
+                        "--model from scratch; --data is tokenised with its tokenizer")
+    p.add_argument("--export-hf", default=None, metavar="OUT",
+                   help="with --hf: write the fine-tuned model and tokenizer to OUT as a Hugging Face checkpoint "
+                        "(OUT must not hold files)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: tuned per preset)")
     p.add_argument("--batch-size", type=int, default=16, help="global batch size in sequences (default 16)")
-    p.add_argument("--seq-len", type=int, default=None, help="tokens (bytes) per sequence (default: tuned per preset, else its max)")
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens (bytes) per sequence (default: tuned per preset, else its max; --hf: 256 or its max)")
     p.add_argument("--lr", type=float, default=None, help="peak learning rate of AdamW (default: tuned per preset)")
     p.add_argument("--rules", default="megatron",
                    help=f"sharding rules preset, one of {sorted(jaxtp.RULE_PRESETS)} (default megatron)")
     p.add_argument("--data", default="pystdlib",
                    help="corpus: pystdlib (this Python's stdlib sources), synthetic (Markov chain with a known "
-                        "entropy floor), or a path to a UTF-8 text file (default pystdlib)")
+                        "entropy floor), or a path to a UTF-8 text file (default pystdlib); with --hf, tokenised")
     p.add_argument("--seed", type=int, default=0, help="seed for parameters and batches (default 0)")
     p.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"],
                    help="matmul/activation dtype; parameters stay float32 masters (default float32 on CPU)")
@@ -62,8 +70,9 @@ def parse_args(argv=None):
                    help="continue the run in --out DIR from its latest complete checkpoint (same arguments; "
                         "the mesh may differ)")
     p.add_argument("--plan", action="store_true",
-                   help="print the analytic plan (memory, FLOPs, collectives, time, MFU) for --model on --mesh "
-                        "and exit; allocates nothing, so meshes larger than this machine are fine")
+                   help="print the analytic plan (memory, FLOPs, collectives, time, MFU) for --model (or --hf's "
+                        "config.json) on --mesh and exit; allocates nothing, so meshes larger than this machine "
+                        "are fine")
     p.add_argument("--hardware", default="h100",
                    help="hardware preset for --plan: cpu (measured), a100, h100, h200, tpu-v5e, tpu-v5p (default h100)")
     p.add_argument("--processes", type=int, default=0, metavar="N",
@@ -78,7 +87,7 @@ def parse_args(argv=None):
                    help="skip the report's extra compiles (1-layer collective comparison, precision table, sample): "
                         "for scripted runs that only need training, checkpoints and losses")
     p.add_argument("--sample-len", type=int, default=200,
-                   help="bytes to generate for the sample, capped by --seq-len (default 200)")
+                   help="bytes (--hf: tokens) to generate for the sample, capped by --seq-len (default 200)")
     return p.parse_args(argv)
 
 
@@ -86,6 +95,7 @@ DEFAULTS = {  # per-preset (steps, lr, seq_len); chosen for the best held-out lo
     "tiny": (200, 3e-3, 64),
     "small": (500, 4e-3, 64),
 }
+HF_DEFAULTS = (200, 1e-4, 256)  # fine-tuning a pretrained checkpoint: (steps, lr, seq_len capped by its max)
 
 
 FAKE_CPU_DEVICES = 8
@@ -99,25 +109,25 @@ def fail(msg: str):
     raise UsageError(msg)
 
 
-def setup_devices(args):
+def setup_devices(mesh_spec: str, coordinator=None, num_processes=None, process_id=None):
     """Use the accelerators if there are enough; otherwise fake CPU devices (8, or mesh/processes each
     in a multi-process run). More fake devices: XLA_FLAGS=--xla_force_host_platform_device_count=N."""
-    axes = parse_mesh_spec(args.mesh)
+    axes = parse_mesh_spec(mesh_spec)
     need = math.prod(axes.values())
-    if args.coordinator:
-        if not args.num_processes or args.process_id is None:
+    if coordinator:
+        if not num_processes or process_id is None:
             fail("--coordinator needs --num-processes and --process-id (or their environment variables)")
-        if need % args.num_processes:
-            fail(f"mesh {args.mesh!r} has {need} devices, not divisible by {args.num_processes} processes")
-        initialize(args.coordinator, args.num_processes, args.process_id, local_devices=need // args.num_processes)
+        if need % num_processes:
+            fail(f"mesh {mesh_spec!r} has {need} devices, not divisible by {num_processes} processes")
+        initialize(coordinator, num_processes, process_id, local_devices=need // num_processes)
     elif "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
         jaxtp.use_cpu_devices(FAKE_CPU_DEVICES)  # affects only the CPU backend
     import jax
 
     devices = jax.devices()
-    if len(devices) < need and not args.coordinator:
+    if len(devices) < need and not coordinator:
         devices = jax.devices("cpu")
-    return jaxtp.make_mesh(args.mesh, devices)
+    return jaxtp.make_mesh(mesh_spec, devices)
 
 
 def check_out_dir(out: pathlib.Path, force: bool, resume: bool):
@@ -155,29 +165,51 @@ def main(argv=None) -> int:
         return 2
 
 
-def run(args) -> int:
+def model_config(args):
+    """The config of --hf's config.json (no weights read) or of the --model preset, and its default
+    (steps, lr, seq_len)."""
+    if args.hf:
+        cfg = jaxtp.hf.config(args.hf, scan_layers=args.scan_layers, remat=args.remat, compute_dtype=args.compute_dtype)
+        return cfg, HF_DEFAULTS[:2] + (min(HF_DEFAULTS[2], cfg.max_seq_len),)
     if args.model not in jaxtp.PRESETS:
         fail(f"unknown --model {args.model!r}; choose one of {sorted(jaxtp.PRESETS)}")
-    steps, lr, default_seq = DEFAULTS.get(args.model, (500, 1e-3, None))
+    return (jaxtp.ModelConfig.preset(args.model, scan_layers=args.scan_layers, remat=args.remat),
+            DEFAULTS.get(args.model, (500, 1e-3, None)))
+
+
+def check_export_dir(args):
+    if not args.export_hf:
+        return
+    if not args.hf:
+        fail("--export-hf needs --hf DIR (the checkpoint whose architecture and tokenizer the export keeps)")
+    out = pathlib.Path(args.export_hf)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        fail(f"--export-hf {out} already exists and is not empty; pick a new directory")
+
+
+def run(args) -> int:
+    cfg, (steps, lr, default_seq) = model_config(args)
     steps = args.steps if args.steps is not None else steps
     lr = args.lr if args.lr is not None else lr
     if steps <= 0:
         fail(f"--steps must be a positive integer, got {steps}")
     if not lr > 0:
         fail(f"--lr must be > 0, got {lr}")
-    cfg = jaxtp.ModelConfig.preset(args.model, scan_layers=args.scan_layers, remat=args.remat)
     if args.plan:
         from jaxtp.plan import HARDWARE, format_plan
 
         if args.hardware not in HARDWARE and args.hardware != "cpu":
             fail(f"unknown --hardware {args.hardware!r}; choose one of {sorted(HARDWARE) + ['cpu']}")
-        print(format_plan(jaxtp.plan(cfg, args.mesh, batch_size=args.batch_size, seq_len=args.seq_len or cfg.max_seq_len,
+        seq_len = args.seq_len or (default_seq if args.hf else cfg.max_seq_len)
+        print(format_plan(jaxtp.plan(cfg, args.mesh, batch_size=args.batch_size, seq_len=seq_len,
                                      hardware=args.hardware, rules=args.rules)))
         return 0
     cfg = cfg.replace(compute_dtype=args.compute_dtype)
     seq_len = args.seq_len or default_seq or cfg.max_seq_len
     if seq_len < 1 or seq_len > cfg.max_seq_len:
-        fail(f"--seq-len {seq_len} is outside 1..{cfg.max_seq_len} (the {args.model} preset's max_seq_len)")
+        fail(f"--seq-len {seq_len} is outside 1..{cfg.max_seq_len} (the {args.hf or args.model} "
+             f"{'checkpoint' if args.hf else 'preset'}'s max_seq_len)")
+    check_export_dir(args)
     if args.checkpoint_every < 0 or args.keep < 1:
         fail("--checkpoint-every must be >= 0 and --keep >= 1")
     if args.resume and not args.out:
@@ -187,19 +219,26 @@ def run(args) -> int:
     out = pathlib.Path(args.out or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}")
     if args.rules not in jaxtp.RULE_PRESETS:
         fail(f"unknown --rules {args.rules!r}; choose one of {sorted(jaxtp.RULE_PRESETS)}")
-    mesh = setup_devices(args)
+    mesh = setup_devices(args.mesh, args.coordinator, args.num_processes, args.process_id)
     import jax
 
     if jax.process_index() != 0:  # one report: process 0 prints and writes, the others only compute
         sys.stdout = open(os.devnull, "w")
     jaxtp.data.check_batch(args.batch_size, mesh)
     corpus = jaxtp.data.load_corpus(args.data, seed=args.seed)
+    tokenizer = None
+    if args.hf:
+        tokenizer = jaxtp.hf.tokenizer(args.hf)
+        corpus = jaxtp.data.tokenize(corpus, tokenizer)
+        if max(corpus.train.max(initial=0), corpus.heldout.max(initial=0)) >= cfg.vocab_size:
+            fail(f"{args.hf}'s tokenizer gives ids beyond the model's vocab_size {cfg.vocab_size}")
     if jax.process_index() == 0:
         check_out_dir(out, args.force, args.resume)
 
     tc = jaxtp.TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=seq_len, lr=lr, seed=args.seed)
     TrainingJob(out, cfg, tc, mesh, corpus, sample_len=args.sample_len, checkpoint_every=args.checkpoint_every,
-                keep=args.keep, resume=args.resume, rules=args.rules, lean=args.lean).run()
+                keep=args.keep, resume=args.resume, rules=args.rules, lean=args.lean, hf=args.hf,
+                tokenizer=tokenizer, export_hf=args.export_hf).run()
     return 0
 
 

@@ -109,11 +109,11 @@ def _ids_and_bytes(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of `text` and the UTF-8 bytes each covers. Tokens split inside a character share its
     character offsets, so token t is given the characters between the furthest end before it and its own
     end: the tokens tile the text and their bytes sum to the bytes encoded."""
-    enc = tokenizer._tok.encode(text, add_special_tokens=False)  # jaxtp.hf.Tokenizer.encode gives ids, not offsets
-    ends_T = np.maximum.accumulate(np.array([end for _, end in enc.offsets], np.int64).reshape(-1))
+    ids, offsets = tokenizer.encode_with_offsets(text)
+    ends_T = np.maximum.accumulate(np.array([end for _, end in offsets], np.int64).reshape(-1))
     raw = np.frombuffer(text.encode("utf-8"), np.uint8)
     char_start_C1 = np.append(np.flatnonzero(raw & 0xC0 != 0x80), len(raw))  # byte offset of every character
-    return np.asarray(enc.ids, np.int32), np.diff(char_start_C1[ends_T], prepend=0)
+    return np.asarray(ids, np.int32), np.diff(char_start_C1[ends_T], prepend=0)
 
 
 def synthetic_markov(seed: int = 0, n_symbols: int = 16, n_bytes: int = 600_000, alpha: float = 0.3) -> Corpus:

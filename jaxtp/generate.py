@@ -26,9 +26,10 @@ Conventions (where the design left a choice):
   top-k (the k highest-scoring tokens; ties broken by lower id), then top-p on the renormalised
   result (the smallest prefix of the sorted distribution whose probability reaches p; the top token
   is always kept). ``temperature=0`` is greedy (argmax; top-k/top-p cannot change it).
-* **EOS**: once a row emits ``eos_id``, every later token of that row is ``eos_id`` too (so the
-  padding id after EOS is ``eos_id`` itself; strip from the first occurrence). When every row has
-  finished, generation stops early and the rest is filled with ``eos_id``.
+* **EOS**: ``eos_id`` is one id or several (chat models end a turn with one token and a text with
+  another, e.g. Llama 3's ``<|eot_id|>`` and ``<|end_of_text|>``). Once a row emits any of them, every
+  later token of that row is the first one (so strip from the first occurrence of any). When every row
+  has finished, generation stops early and the rest is filled with the first eos id.
 * Batches whose size does not divide the data axis are padded with copies of row 0 and trimmed.
 
 Note: ``jaxtp.generate`` is this module's function (``from jaxtp.generate import ...`` reaches
@@ -81,7 +82,7 @@ def _sorted_filtered(logits_BV, top_k, top_p, use_top_k: bool, use_top_p: bool):
 
 def filter_logits(logits_BV, top_k: int | None = None, top_p: float | None = None):
     """Logits with every token that top-k / top-p exclude set to -inf (original vocab order)."""
-    _check_sampling(1.0, top_k, top_p)
+    check_sampling(1.0, top_k, top_p)
     return _filter_jit(jnp.asarray(logits_BV, jnp.float32), jnp.int32(top_k or 0), jnp.float32(top_p or 1.0),
                        (top_k is not None, top_p is not None))
 
@@ -112,7 +113,7 @@ def _mode(temperature, top_k, top_p):
 def sample_logits(logits_BV, key, temperature: float = 1.0, top_k: int | None = None,
                   top_p: float | None = None):
     """Sample one token id per row from `logits_BV` [B, V] (temperature, then top-k, then top-p)."""
-    _check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p)
     return _sample_jit(jnp.asarray(logits_BV), key, jnp.float32(temperature or 1.0), jnp.int32(top_k or 0),
                        jnp.float32(top_p or 1.0), _mode(temperature, top_k, top_p))
 
@@ -120,7 +121,8 @@ def sample_logits(logits_BV, key, temperature: float = 1.0, top_k: int | None = 
 _sample_jit = jax.jit(_sample, static_argnums=(5,))
 
 
-def _check_sampling(temperature, top_k, top_p):
+def check_sampling(temperature, top_k, top_p):
+    """Raise a one-line ValueError for sampling settings generate would refuse (callers check before loading)."""
     if (isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature)
             or temperature < 0):
         raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
@@ -222,8 +224,8 @@ def _decode_step(graphdef, mode, state, caches, tokens_B, slot, offset_B, done_B
     caches, logits_BV = _decode(model, caches, tokens_B, slot, offset_B)
     key = jax.random.fold_in(key, step)
     next_B = _sample(_rows_whole(logits_BV, model.layout, mode), key, temperature, top_k, top_p, mode)
-    next_B = jnp.where(done_B, eos_id, next_B)
-    done_B = done_B | ((next_B == eos_id) & (eos_id >= 0))
+    next_B = jnp.where(done_B, eos_id[0], next_B)
+    done_B = done_B | _is_eos(next_B, eos_id)
     return caches, _rows(next_B, model.layout), _rows(done_B, model.layout), logits_BV
 
 
@@ -241,7 +243,12 @@ def _first_token(logits_BV, key, temperature, top_k, top_p, eos_id, mode, layout
     TRACES["first_token"] += 1
     next_B = _sample(_rows_whole(logits_BV, layout, mode), jax.random.fold_in(key, 0), temperature, top_k, top_p,
                      mode)
-    return _rows(next_B, layout), _rows((next_B == eos_id) & (eos_id >= 0), layout)
+    return _rows(next_B, layout), _rows(_is_eos(next_B, eos_id), layout)
+
+
+def _is_eos(tokens_B, eos_E):
+    """Whether each token is one of the eos ids (-1 entries, and an empty set, match nothing)."""
+    return jnp.any((tokens_B[:, None] == eos_E[None, :]) & (eos_E[None, :] >= 0), axis=-1)
 
 
 _prefill_jit = jax.jit(_prefill, static_argnums=(0, 4))
@@ -276,7 +283,7 @@ def _prepare(model, prompt_tokens_BS, max_new_tokens, temperature, top_k, top_p,
              cache_len):
     """Validate everything on the host, before anything is traced or compiled."""
     cfg = model.cfg
-    _check_sampling(temperature, top_k, top_p)
+    check_sampling(temperature, top_k, top_p)
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     tokens = np.asarray(prompt_tokens_BS)
@@ -313,17 +320,18 @@ def _prepare(model, prompt_tokens_BS, max_new_tokens, temperature, top_k, top_p,
     if not need <= T <= cfg.max_seq_len:
         raise ValueError(f"cache_len={cache_len} must lie in [prompt length + max_new_tokens = {need}, "
                          f"max_seq_len = {cfg.max_seq_len}]")
-    if eos_id is not None and (not isinstance(eos_id, numbers.Integral) or not 0 <= eos_id < cfg.vocab_size):
-        raise ValueError(f"eos_id must lie in [0, {cfg.vocab_size}), got {eos_id!r}")
+    eos_ids = [] if eos_id is None else [eos_id] if isinstance(eos_id, numbers.Integral) else list(eos_id)
+    if any(isinstance(e, bool) or not isinstance(e, numbers.Integral) or not 0 <= e < cfg.vocab_size for e in eos_ids):
+        raise ValueError(f"eos_id must be an id or a list of ids in [0, {cfg.vocab_size}), got {eos_id!r}")
     pad = -B % _data_split(model.layout)  # batch must split evenly over the data axis
     if pad:
         aligned = np.concatenate([aligned, np.repeat(aligned[:1], pad, 0)])
         offsets = np.concatenate([offsets, np.repeat(offsets[:1], pad)])
-    return aligned, offsets.astype(np.int32), int(lengths.sum()), B, T
+    return aligned, offsets.astype(np.int32), int(lengths.sum()), B, T, eos_ids
 
 
 def generate(model, prompt_tokens_BS, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
-             top_p: float | None = None, seed: int = 0, eos_id: int | None = None,
+             top_p: float | None = None, seed: int = 0, eos_id: int | Sequence[int] | None = None,
              prompt_lengths: Sequence[int] | None = None, *, cache_len: int | None = None,
              return_logits: bool = False, stats: dict | None = None, on_token=None):
     """Generate `max_new_tokens` tokens per row after a right-padded prompt batch.
@@ -336,13 +344,13 @@ def generate(model, prompt_tokens_BS, max_new_tokens: int, temperature: float = 
     `on_token`, if given, is called with each step's tokens (numpy int32 [B]) as soon as they are sampled,
     for streaming; it makes every step wait for its token on the host.
     """
-    tokens, offsets, n_prompt, B, T = _prepare(model, prompt_tokens_BS, max_new_tokens, temperature, top_k, top_p,
+    tokens, offsets, n_prompt, B, T, eos_ids = _prepare(model, prompt_tokens_BS, max_new_tokens, temperature, top_k, top_p,
                                                eos_id, prompt_lengths, cache_len)
     layout = model.layout
     graphdef, state = nnx.split(model)
     mode = _mode(temperature, top_k, top_p)
     sampling = (jnp.float32(temperature or 1.0), jnp.int32(top_k or 0), jnp.float32(top_p or 1.0))
-    eos = jnp.int32(-1 if eos_id is None else eos_id)
+    eos = jnp.asarray(eos_ids or [-1], jnp.int32)
     key = jax.random.key(seed)
     tokens_BS, offset_B = _place(tokens, TOKENS, layout), _place(offsets, ROWS, layout)
 
@@ -364,12 +372,12 @@ def generate(model, prompt_tokens_BS, max_new_tokens: int, temperature: float = 
             on_token(_to_host(tok_B)[:B])
         if return_logits:
             logits.append(logits_BV)
-        if eos_id is not None and i % 8 == 0 and bool(jnp.all(done_B)):
+        if eos_ids and i % 8 == 0 and bool(jnp.all(done_B)):
             break
     result = np.stack([_to_host(t) for t in out], axis=1)[:B]
     t2 = time.perf_counter()
     if result.shape[1] < max_new_tokens:
-        result = np.pad(result, ((0, 0), (0, max_new_tokens - result.shape[1])), constant_values=eos_id)
+        result = np.pad(result, ((0, 0), (0, max_new_tokens - result.shape[1])), constant_values=eos_ids[0])
     if stats is not None:
         stats.update(prefill_s=t1 - t0, decode_s=t2 - t1, prefill_tokens=n_prompt,
                      batch=B, decode_steps=len(out) - 1, decode_tokens=B * (len(out) - 1))
@@ -403,7 +411,7 @@ def decode_step_lowered(model, batch: int, cache_len: int, temperature: float = 
     rows = lambda dtype: jax.ShapeDtypeStruct((batch,), dtype, sharding=sharding(ROWS))
     args = (state, caches, rows(jnp.int32), jnp.int32(1), rows(jnp.int32), rows(jnp.bool_),
             jax.random.key(0), jnp.int32(1), jnp.float32(temperature or 1.0), jnp.int32(top_k or 0),
-            jnp.float32(top_p or 1.0), jnp.int32(-1))
+            jnp.float32(top_p or 1.0), jnp.asarray([-1], jnp.int32))
     return _decode_step_jit.lower(graphdef, _mode(temperature, top_k, top_p), *args)
 
 

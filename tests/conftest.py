@@ -6,6 +6,8 @@ JAX's persistent compilation cache stays off (cache hits were seen deadlocking C
 
 import functools
 import os
+import pathlib
+import sys
 
 # LLVM -O0 for the tests: ~25% faster XLA:CPU compiles on tiny models; HLO passes (and so the collectives
 # and memory analysis the tests check) are unchanged. Subprocesses get the same flag via subprocess_env().
@@ -15,6 +17,8 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {FAST_COMPILE} "
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "experiments"))  # scripts the tests drive
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402

@@ -160,6 +160,12 @@ def test_eos_pads_with_eos_and_stops_early(models):
     np.testing.assert_array_equal(got[:, :first + 1], free[:, :first + 1])
     assert (got[:, first:] == eos).all()
     assert stats["decode_steps"] < NEW - 1  # stopped before max_new_tokens once every row was done
+    # Several eos ids (a chat model's end-of-turn and end-of-text): the first one hit stops the row, which is
+    # then padded with the first id of the list.
+    other = int(free[0, 2]) if int(free[0, 2]) != eos else 255
+    several = jaxtp.generate(model, same, NEW, temperature=0, eos_id=[other, eos])
+    np.testing.assert_array_equal(several[:, :first + 1], free[:, :first + 1])
+    assert (several[:, first + 1:] == other).all()
 
 
 # ------------------------------------------------------------------------------------ the cache
@@ -183,7 +189,7 @@ def test_cache_is_sharded_by_the_rules_and_donated(models, greedy_runs, prompt):
         done = jax.device_put(np.zeros(B, bool), layout.sharding(("batch",)))
         out = _decode_step_jit(graphdef, (True, False, False), state, caches, i32(np.zeros(B)), jnp.int32(S),
                                offsets, done, jax.random.key(0), jnp.int32(1), jnp.float32(1), jnp.int32(0),
-                               jnp.float32(1), jnp.int32(-1))
+                               jnp.float32(1), jnp.asarray([-1], jnp.int32))
         assert caches[0][0].is_deleted(), "the cache was not donated to the decode step"
         assert out[0][0][0].sharding.is_equivalent_to(want, 4)
 
@@ -261,7 +267,7 @@ def test_seeded_sampling_is_reproducible(models, prompt):
     (dict(max_new_tokens=0), "max_new_tokens must be"),
     (dict(prompt_tokens_BS=np.full((4, 7), 300)), r"prompt token ids must lie in \[0, 256\)"),
     (dict(prompt_tokens_BS=np.zeros(7, np.int32)), r"\[batch, seq\]"),
-    (dict(eos_id=256), "eos_id must lie"),
+    (dict(eos_id=256), "eos_id must be an id or a list of ids in"),
     (dict(cache_len=65), "cache_len=65 must lie"),
 ])
 def test_bad_input_raises_value_error(models, prompt, kwargs, match):

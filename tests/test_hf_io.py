@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 
 import jax
 import jaxtp
-from hf_checkpoints import VARIANTS, VOCAB, make_checkpoint
+from hf_tiny import VARIANTS, VOCAB, make_all, make_checkpoint
 from jaxtp.hf import CheckpointError
 
 torch = pytest.importorskip("torch")
@@ -27,11 +27,7 @@ PROMPT_BS = np.random.default_rng(1).integers(3, VOCAB, size=(2, 12)).astype(np.
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """{variant: directory}, each built once."""
-    out = {}
-    for kind in VARIANTS:
-        out[kind] = tmp_path_factory.mktemp(kind)
-        make_checkpoint(kind, out[kind])
-    return out
+    return {kind: directory for kind, (directory, _) in make_all(tmp_path_factory.mktemp("hf")).items()}
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import pytest
 
 import jax
 import jaxtp
-from hf_checkpoints import VARIANTS, VOCAB, make_checkpoint
+from hf_tiny import VARIANTS, VOCAB, make_all
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -23,13 +23,9 @@ PROMPT_BS = np.random.default_rng(0).integers(3, VOCAB, size=(2, 16)).astype(np.
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """{variant: (directory, torch model, its logits on PROMPT_BS)}, each built once."""
-    out = {}
-    for kind in VARIANTS:
-        directory = tmp_path_factory.mktemp(kind)
-        model = make_checkpoint(kind, directory)
-        with torch.no_grad():
-            out[kind] = (directory, model, model(torch.tensor(PROMPT_BS, dtype=torch.long)).logits.numpy())
-    return out
+    with torch.no_grad():
+        return {kind: (directory, model, model(torch.tensor(PROMPT_BS, dtype=torch.long)).logits.numpy())
+                for kind, (directory, model) in make_all(tmp_path_factory.mktemp("hf")).items()}
 
 
 def rel_error(ours, ref):

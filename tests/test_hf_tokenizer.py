@@ -250,6 +250,10 @@ def test_encode_decode_match_transformers(pairs, name):
         assert ours.encode(text, add_special_tokens=False) == hf.encode(text, add_special_tokens=False), text
         assert ours.decode(ids) == hf.decode(ids), text
         assert ours.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True), text
+        offset_ids, offsets = ours.encode_with_offsets(text)
+        assert offset_ids == hf.encode(text, add_special_tokens=False) and len(offsets) == len(offset_ids), text
+        assert offsets == [tuple(o) for o in hf(text, add_special_tokens=False, return_offsets_mapping=True)
+                           ["offset_mapping"]], text
     every_id = list(range(ours.vocab_size))  # lone byte-level pieces decode to U+FFFD in both
     assert ours.decode(every_id) == hf.decode(every_id)
     assert ours.vocab_size == len(hf)

@@ -195,6 +195,11 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def encode_with_offsets(self, text: str, add_special_tokens: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and each token's (start, end) character offsets in `text` (bits/byte needs the bytes a token covers)."""
+        enc = self._tok.encode(text, add_special_tokens=add_special_tokens)
+        return enc.ids, enc.offsets
+
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         ids = [int(ids)] if not hasattr(ids, "__iter__") else [int(i) for i in ids]  # numpy/jax ids welcome
         text = self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

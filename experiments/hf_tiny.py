@@ -1,5 +1,9 @@
 """Tiny Hugging Face checkpoints built with transformers itself (no network), one per supported variant.
 
+    python experiments/hf_tiny.py llama32 /tmp/tiny-llama   # then: experiments/generate.py --hf /tmp/tiny-llama ...
+
+The tests use them as an implementation we did not write; they also let anyone try the --hf commands offline.
+
 Each has 8 query heads (so 1x8 splits them), head_dim 8 or 16, two layers and random weights drawn with a
 large initializer range, so the next-token distribution is peaked and greedy decoding is not decided by
 float noise. Norm scales and biases get random offsets, so a mapping mistake there cannot hide behind ones
@@ -27,6 +31,12 @@ VARIANTS = {
 }
 TEXT = ("The quick brown fox jumps over the lazy dog. def add(a, b):\n    return a + b\n"
         "Tensor parallelism splits every weight over the model axis. ") * 4
+
+
+def make_all(root) -> dict:
+    """{variant: (directory, torch model)} for every variant, under `root`."""
+    root = pathlib.Path(root)
+    return {kind: (root / kind, make_checkpoint(kind, root / kind)) for kind in VARIANTS}
 
 
 def make_checkpoint(kind: str, directory, *, seed: int = 0, with_tokenizer: bool = False, dtype=None):
@@ -69,3 +79,17 @@ def write_tokenizer(directory) -> None:
     (directory / "tokenizer_config.json").write_text(json.dumps({
         "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "chat_template": template,
         "tokenizer_class": "PreTrainedTokenizerFast", "clean_up_tokenization_spaces": False}))
+
+
+if __name__ == "__main__":
+    import argparse
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("kind", choices=sorted(VARIANTS))
+    p.add_argument("out", help="directory to create (refused if it holds files)")
+    args = p.parse_args()
+    out = pathlib.Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise SystemExit(f"error: {out} already holds files; pick a new directory")
+    make_checkpoint(args.kind, out, with_tokenizer=True)
+    print(f"wrote a random {VARIANTS[args.kind][1]} with a tokenizer to {out}")
