@@ -17,6 +17,7 @@ then quantised with its channels' scales. The result equals cast(load(..., "f32"
 
 from __future__ import annotations
 
+import collections
 import math
 
 import jax
@@ -32,7 +33,7 @@ from .files import FLOAT_DTYPES, CheckpointError, open_file, read_json, resolve,
 from .mapping import IGNORED_SUFFIXES, TensorMap, layer_name, tensor_map
 
 NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
-CHUNK_ELEMENTS = 1 << 24  # rows read per step when computing int8 scales: 64 MB of f32
+CHUNK_ELEMENTS = 1 << 20  # elements read per step when computing int8 scales: 4 MB of f32
 _channel_scale = jax.jit(channel_scale)
 
 
@@ -104,73 +105,88 @@ def _check(maps, infos, cfg, directory):
 
 
 class _Reader:
-    """Reads jaxtp shards out of the checkpoint's files, opening each file per parameter."""
+    """Reads jaxtp shards out of the checkpoint's files. A file is opened for each read and closed after it,
+    so the pages of its memory map that a read touched stop counting as resident at once."""
 
     def __init__(self, files, infos):
         self.files, self.infos = files, infos
-        self.handles = {}
 
     def get(self, name, hf_index):
         if any(s.stop <= s.start for s in hf_index):  # wholly inside the vocab padding
             return np.zeros([s.stop - s.start for s in hf_index], _numpy_dtype(self.infos[name][1]))
-        file = self.files[name]
-        if file not in self.handles:
-            self.handles[file] = open_file(file).__enter__()
-        return self.handles[file].get_slice(name)[hf_index]
-
-    def close(self):
-        for h in self.handles.values():
-            h.__exit__(None, None, None)
-        self.handles.clear()
+        with open_file(self.files[name]) as f:
+            return f.get_slice(name)[hf_index]
 
     def array(self, var, mapping, sharding) -> jax.Array:
+        """One parameter, built device by device: each shard is read, converted, copied to its device and
+        dropped before the next is read (make_array_from_callback would read every shard first). Devices
+        holding the same shard (replicas) share one read."""
         names, tm, stacked = mapping
         shape = tuple(var.shape)
         per_layer = shape[1:] if stacked else shape
-        int8 = isinstance(var, Int8Weight)
-        if isinstance(var, Int8Scale) or int8:
-            kernel_shape = per_layer if int8 else None
-            scales = [self.row_scales(n, tm) for n in names]
-        cache = {}
+        quantised = isinstance(var, (Int8Weight, Int8Scale))
+        scales = [self.row_scales(n) for n in names] if quantised else None
 
-        def one_layer(name, i, index):
+        def one_layer(i, index):
             if isinstance(var, Int8Scale):
                 return _scale_array(scales[i], per_layer)[index]
-            w = tm.read(lambda hf_index: self.get(name, hf_index), per_layer, index)
-            if int8:
-                s = _scale_array(scales[i], _scale_shape(kernel_shape, tm))
-                s = s[tuple(index[d] if d in tm.row_axis_dims() else slice(None) for d in range(len(index)))]
-                w = w.astype(np.float32)
-                return np.clip(np.round(w / s), -QMAX, QMAX).astype(np.int8)
-            return w.astype(NUMPY_DTYPES[str(var.dtype)])
+            w = tm.read(lambda hf_index: self.get(names[i], hf_index), per_layer, index)
+            if isinstance(var, Int8Weight):
+                s = _scale_array(scales[i], _scale_shape(per_layer, tm))
+                return _quantise(w, s[tuple(index[d] if d in tm.row_axis_dims() else slice(None)
+                                            for d in range(len(index)))])
+            return _to_dtype(w, NUMPY_DTYPES[str(var.dtype)])
 
-        def callback(index):
-            index = tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+        def shard(index):
+            if stacked:
+                return np.stack([one_layer(i, index[1:]) for i in range(index[0].start, index[0].stop)])
+            return one_layer(0, index)
+
+        indices = {d: tuple(slice(*s.indices(n)[:2]) for s, n in zip(idx, shape))
+                   for d, idx in sharding.addressable_devices_indices_map(shape).items()}
+        left = collections.Counter((tuple((s.start, s.stop) for s in idx)) for idx in indices.values())
+        held, pieces = {}, []
+        for device, index in indices.items():
             key = tuple((s.start, s.stop) for s in index)
-            if key not in cache:  # replicas (e.g. the data axis) share one read
-                if stacked:
-                    cache[key] = np.stack([one_layer(names[i], i, index[1:]) for i in range(*index[0].indices(stacked)[:2])])
-                else:
-                    cache[key] = one_layer(names[0], 0, index)
-            return cache[key]
+            if key not in held:
+                held[key] = shard(index)
+            pieces.append(jax.device_put(held[key], device).block_until_ready())
+            left[key] -= 1
+            if not left[key]:
+                del held[key]
+        return jax.make_array_from_single_device_arrays(shape, sharding, pieces)
 
-        try:
-            return jax.make_array_from_callback(shape, sharding, callback)
-        finally:
-            self.close()
-
-    def row_scales(self, name, tm: TensorMap) -> np.ndarray:
-        """max(|row|) / 127 (floored) for every row of HF tensor `name`: one output channel's int8 scale."""
-        rows, cols = self.infos[name][0][0], math.prod(self.infos[name][0][1:])
+    def row_scales(self, name) -> np.ndarray:
+        """The int8 scale of every row of HF tensor `name` (one output channel each), read in row chunks."""
+        shape = self.infos[name][0]
+        rows, cols = shape[0], math.prod(shape[1:])
         step = max(1, CHUNK_ELEMENTS // max(cols, 1))
         absmax = np.empty((rows,), np.float32)
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            chunk = self.get(name, (slice(r0, r1),) + tuple(slice(0, n) for n in self.infos[name][0][1:]))
-            absmax[r0:r1] = np.max(np.abs(chunk.astype(np.float32)).reshape(r1 - r0, -1), axis=1)
-        self.close()
+            chunk = self.get(name, (slice(r0, r1),) + tuple(slice(0, n) for n in shape[1:]))
+            absmax[r0:r1] = np.max(np.abs(_to_dtype(chunk, np.float32)).reshape(r1 - r0, -1), axis=1)
         with jax.default_device(jax.devices("cpu")[0]):
             return np.asarray(_channel_scale(absmax))
+
+
+def _to_dtype(w, dtype) -> np.ndarray:
+    """w in `dtype`, without a copy when it already is. bf16 -> f32 is exact as a 16-bit shift of the bits,
+    which numpy runs vectorised (ml_dtypes' element-wise cast is several times slower)."""
+    if w.dtype == ml_dtypes.bfloat16 and dtype == np.float32:
+        return (w.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return w.astype(dtype, copy=False)
+
+
+def _quantise(w, scale) -> np.ndarray:
+    """int8 of w with its channels' scales: round-half-even(w / scale) clipped to +-127, as quant.quantize
+    computes it, in place on the shard's f32 values (a fresh read, owned here)."""
+    w = _to_dtype(w, np.float32)
+    w = w if w.flags.writeable else w.copy()
+    np.divide(w, scale, out=w)
+    np.rint(w, out=w)
+    np.clip(w, -QMAX, QMAX, out=w)
+    return w.astype(np.int8)
 
 
 def _scale_shape(kernel_shape, tm: TensorMap):
