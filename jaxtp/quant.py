@@ -68,11 +68,11 @@ def quantize(w, axes) -> tuple[jax.Array, jax.Array]:
     return q, scale
 
 
-def channel_scale(absmax):
-    """A channel's int8 scale from its absmax. jaxtp.hf's streaming loader runs this same function under jit,
-    so its scales equal cast's bit for bit (XLA turns the division by a constant into a multiplication by
-    its reciprocal, which numpy's division would not match)."""
-    return jnp.maximum(absmax / QMAX, SCALE_FLOOR)
+def channel_scale(absmax, xp=jnp):
+    """A channel's int8 scale from its absmax, in jax (xp=jnp) or numpy (xp=np, jaxtp.hf's streaming loader).
+    It multiplies by the f32 reciprocal of 127 rather than dividing: XLA rewrites a division by a constant
+    that way anyway, and written out it is the same IEEE operation in both, so the scales agree bit for bit."""
+    return xp.maximum(absmax * xp.float32(1 / QMAX), xp.float32(SCALE_FLOOR))
 
 
 def dequantize(q, scale, dtype=jnp.float32):
