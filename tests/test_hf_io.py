@@ -199,3 +199,18 @@ def test_new_weights_cast_and_checkpoint(checkpoints, mesh, kind, tmp_path):
     restored = jaxtp.load(tmp_path / "ckpt", jaxtp.make_mesh("1x8"))
     assert restored.cfg == model.cfg
     np.testing.assert_allclose(np.asarray(restored(tokens)), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mesh_spec", ["2x4", "1x8"])
+def test_each_element_is_read_once(checkpoints, mesh_spec, monkeypatch):
+    """Shards are read by slice, replicas (the data axis) share a read: the bytes read equal the file's tensor
+    bytes whatever the mesh. (Only addressable devices are read for, so each process of a multi-process run
+    reads its own devices' slices.)"""
+    load_module = __import__("importlib").import_module("jaxtp.hf.load")
+    read, get = [], load_module._Reader.get
+    monkeypatch.setattr(load_module._Reader, "get", lambda self, name, idx: read.append(get(self, name, idx)) or read[-1])
+    jaxtp.hf.load(checkpoints["llama"], jaxtp.make_mesh(mesh_spec))
+    with safe_open(str(checkpoints["llama"] / "model.safetensors"), framework="numpy") as f:
+        file_bytes = sum(f.get_slice(k).get_shape()[0] * int(np.prod(f.get_slice(k).get_shape()[1:])) * 4
+                         for k in f.keys())
+    assert sum(a.nbytes for a in read) == file_bytes
