@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import functools
 import math
 
 import jax
@@ -129,6 +130,7 @@ class _Reader:
 
     def __init__(self, files, infos):
         self.files, self.infos = files, infos
+        self.scales = {}  # HF name -> per-row int8 scales (f32, one per output channel: small)
 
     def get(self, name, hf_index):
         if any(s.stop <= s.start for s in hf_index):  # wholly inside the vocab padding
@@ -149,12 +151,12 @@ class _Reader:
         def one_layer(i, index):
             if isinstance(var, Int8Scale):
                 return _scale_array(scales[i], per_layer)[index]
-            w = tm.read(lambda hf_index: self.get(names[i], hf_index), per_layer, index)
+            read = functools.partial(tm.read, lambda hf_index: self.get(names[i], hf_index), per_layer)
             if isinstance(var, Int8Weight):
                 s = _scale_array(scales[i], _scale_shape(per_layer, tm))
-                return _quantise(w, s[tuple(index[d] if d in tm.row_axis_dims() else slice(None)
-                                            for d in range(len(index)))])
-            return _to_dtype(w, NUMPY_DTYPES[str(var.dtype)])
+                return _quantised_shard(read, index, s[tuple(index[d] if d in tm.row_axis_dims() else slice(None)
+                                                             for d in range(len(index)))], tm.row_axis_dims()[0])
+            return _to_dtype(read(index), NUMPY_DTYPES[str(var.dtype)])
 
         def shard(index):
             if stacked:
@@ -176,16 +178,31 @@ class _Reader:
         return jax.make_array_from_single_device_arrays(shape, sharding, pieces)
 
     def row_scales(self, name) -> np.ndarray:
-        """The int8 scale of every row of HF tensor `name` (one output channel each), read in row chunks."""
-        shape = self.infos[name][0]
-        rows, cols = shape[0], math.prod(shape[1:])
-        step = max(1, CHUNK_ELEMENTS // max(cols, 1))
-        absmax = np.empty((rows,), np.float32)
-        for r0 in range(0, rows, step):
-            r1 = min(rows, r0 + step)
-            chunk = self.get(name, (slice(r0, r1),) + tuple(slice(0, n) for n in shape[1:]))
-            absmax[r0:r1] = np.max(np.abs(_to_dtype(chunk, np.float32)).reshape(r1 - r0, -1), axis=1)
-        return channel_scale(absmax, np)
+        """The int8 scale of every row of HF tensor `name` (one output channel each), read in row chunks;
+        kept for the kernel's scale array, which needs the same numbers."""
+        if name not in self.scales:
+            shape = self.infos[name][0]
+            rows, cols = shape[0], math.prod(shape[1:])
+            step = max(1, CHUNK_ELEMENTS // max(cols, 1))
+            absmax = np.empty((rows,), np.float32)
+            for r0 in range(0, rows, step):
+                r1 = min(rows, r0 + step)
+                chunk = self.get(name, (slice(r0, r1),) + tuple(slice(0, n) for n in shape[1:]))
+                absmax[r0:r1] = _row_absmax(chunk.reshape(r1 - r0, -1))
+            self.scales[name] = channel_scale(absmax, np)
+        return self.scales[name]
+
+
+def _row_absmax(x_RC) -> np.ndarray:
+    """max |x| per row, as f32. For bf16 and f32 on the bit patterns: clearing the sign bit and comparing as
+    unsigned integers orders magnitudes exactly as floats do (NaN included, which stays NaN), with no
+    float conversion of the chunk."""
+    bits = {np.dtype(ml_dtypes.bfloat16): (np.uint16, 0x7FFF), np.dtype(np.float32): (np.uint32, 0x7FFFFFFF)}
+    if x_RC.dtype not in bits:
+        return np.max(np.abs(x_RC.astype(np.float32)), axis=1)
+    uint, magnitude = bits[x_RC.dtype]
+    top_R = np.max(np.bitwise_and(x_RC.view(uint), uint(magnitude)), axis=1)
+    return _to_dtype(top_R.view(x_RC.dtype), np.float32)
 
 
 def _to_dtype(w, dtype) -> np.ndarray:
@@ -196,9 +213,25 @@ def _to_dtype(w, dtype) -> np.ndarray:
     return w.astype(dtype, copy=False)
 
 
+def _quantised_shard(read, index, scale, axis: int) -> np.ndarray:
+    """The int8 shard at `index`, read and quantised a few MB at a time along `axis`, a dimension of the
+    checkpoint's rows (contiguous in the file, and each chunk's scales are a slice of `scale`). A whole
+    shard's f32 temporaries, freed between parameters, left the heap fragmented (int8 peak/final 1.30)."""
+    out = np.empty([s.stop - s.start for s in index], np.int8)
+    span = index[axis]
+    step = max(1, CHUNK_ELEMENTS * out.shape[axis] // max(1, out.size))
+    for r0 in range(span.start, span.stop, step):
+        part = slice(r0 - span.start, min(r0 + step, span.stop) - span.start)
+        at = tuple(part if d == axis else slice(None) for d in range(out.ndim))
+        sub = tuple(slice(span.start + part.start, span.start + part.stop) if d == axis else s
+                    for d, s in enumerate(index))
+        out[at] = _quantise(read(sub), scale[at])
+    return out
+
+
 def _quantise(w, scale) -> np.ndarray:
     """int8 of w with its channels' scales: round-half-even(w / scale) clipped to +-127, as quant.quantize
-    computes it, in place on the shard's f32 values (a fresh read, owned here)."""
+    computes it, in place on the f32 values (a fresh read, owned here)."""
     w = _to_dtype(w, np.float32)
     w = w if w.flags.writeable else w.copy()
     np.divide(w, scale, out=w)
