@@ -8,12 +8,13 @@ from .train import TrainConfig, Trainer
 from .layers import Attention, Block, Embed, Linear, MLP, RMSNorm
 from .mesh import make_mesh, parse_mesh_spec, use_cpu_devices
 from .model import Transformer, param_table, abstract_model
-from .sharding import Layout, MEGATRON, RULE_PRESETS, resolve_rules, spec_for
+from .sharding import Layout, MEGATRON, RULE_PRESETS, axis_rules, resolve_rules, spec_for
+from .build import create
 
 __all__ = [
     "ModelConfig", "PRESETS", "collectives", "Collectives", "Attention", "Block", "Embed", "Linear", "MLP",
     "RMSNorm", "make_mesh", "parse_mesh_spec", "use_cpu_devices", "Transformer", "param_table",
-    "abstract_model", "Layout", "MEGATRON", "RULE_PRESETS", "resolve_rules", "spec_for",
+    "abstract_model", "Layout", "MEGATRON", "RULE_PRESETS", "axis_rules", "create", "resolve_rules", "spec_for",
 ]
 
 from .generate import generate, sample_logits, filter_logits  # noqa: E402  (jaxtp.generate is the function)

@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from .config import ModelConfig, to_dtype
-from .sharding import Layout, constrain, gathered
+from .sharding import Layout, constrain, gathered, layer_layout, placing
 
 RESIDUAL = ("batch", "act_seq", "act_embed")
 BLOCK_IN = ("batch", "seq", "act_embed")
@@ -39,7 +39,9 @@ HIDDEN = ("batch", "seq", "mlp")
 
 
 def normal_param(rngs: nnx.Rngs, shape, names, std: float, dtype) -> nnx.Param:
-    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+    # The barrier keeps XLA from folding std into the draw's own constants inside a jitted init, which
+    # rounded differently from the same draw run eagerly (Flax's eager sharding): both paths now agree bitwise.
+    value = std * jax.lax.optimization_barrier(jax.random.normal(rngs.params(), shape, jnp.float32))
     return nnx.Param(value.astype(dtype), out_sharding=tuple(names))
 
 
@@ -63,10 +65,11 @@ class Linear(nnx.Module):
             raise ValueError(f"Linear equation {equation!r} must read 'LEAD IN, IN OUT -> LEAD OUT' "
                              "(the kernel's leading axes contract the input's trailing axes)")
         self.compute_dtype = to_dtype(cfg.compute_dtype)
-        self.layout = layout
-        self.kernel = normal_param(rngs, shape, names, std, to_dtype(cfg.param_dtype))
-        self.bias = nnx.Param(jnp.zeros(shape[self.contract:], to_dtype(cfg.param_dtype)),
-                              out_sharding=self.names[self.contract:]) if bias else None
+        self.layout = layer_layout(layout, cfg)
+        with placing(self.layout):
+            self.kernel = normal_param(rngs, shape, names, std, to_dtype(cfg.param_dtype))
+            self.bias = nnx.Param(jnp.zeros(shape[self.contract:], to_dtype(cfg.param_dtype)),
+                                  out_sharding=self.names[self.contract:]) if bias else None
         self.quant_mode = None  # jaxtp.quant.cast sets "int8" (weight-only) or "w8a8", adding `scale`
 
     def __call__(self, x):
@@ -120,9 +123,10 @@ class RMSNorm(nnx.Module):
     def __init__(self, cfg: ModelConfig, layout: Layout | None = None, size: int | None = None,
                  names: tuple = ("embed",)):
         self.eps = cfg.norm_eps
-        self.layout = layout
+        self.layout = layer_layout(layout, cfg)
         self.names = tuple(names)
-        self.scale = nnx.Param(jnp.ones((size or cfg.d_model,), to_dtype(cfg.param_dtype)), out_sharding=self.names)
+        with placing(self.layout):
+            self.scale = nnx.Param(jnp.ones((size or cfg.d_model,), to_dtype(cfg.param_dtype)), out_sharding=self.names)
 
     def __call__(self, x_BSD):
         x = x_BSD.astype(jnp.float32)
@@ -184,13 +188,13 @@ class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, layout: Layout | None, rngs: nnx.Rngs):
         D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        self.layout, self.theta, self.rope_scaling = layout, cfg.rope_theta, cfg.rope_scaling
-        linear = functools.partial(Linear, cfg=cfg, rngs=rngs, layout=layout)
+        self.layout, self.theta, self.rope_scaling = layer_layout(layout, cfg), cfg.rope_theta, cfg.rope_scaling
+        linear = functools.partial(Linear, cfg=cfg, rngs=rngs, layout=self.layout)
         self.q = linear("bsd,dnh->bsnh", (D, N, H), ("embed", "heads", "head_dim"), std=std, bias=cfg.qkv_bias)
         self.k = linear("bsd,dkh->bskh", (D, K, H), ("embed", "kv_heads", "head_dim"), std=std, bias=cfg.qkv_bias)
         self.v = linear("bsd,dkh->bskh", (D, K, H), ("embed", "kv_heads", "head_dim"), std=std, bias=cfg.qkv_bias)
         self.o = linear("bsnh,nhd->bsd", (N, H, D), ("heads", "head_dim", "embed"), std=out_std)
-        norm = functools.partial(RMSNorm, cfg, layout, H, ("head_dim",))
+        norm = functools.partial(RMSNorm, cfg, self.layout, H, ("head_dim",))
         self.q_norm, self.k_norm = (norm(), norm()) if cfg.qk_norm else (None, None)
 
     def rotated(self, x_BSnH, norm, positions_BS):
@@ -278,8 +282,8 @@ class MLP(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, layout: Layout | None, rngs: nnx.Rngs):
         D, F = cfg.d_model, cfg.d_ff
-        self.layout = layout
-        linear = functools.partial(Linear, cfg=cfg, rngs=rngs, layout=layout)
+        self.layout = layer_layout(layout, cfg)
+        linear = functools.partial(Linear, cfg=cfg, rngs=rngs, layout=self.layout)
         self.gate = linear("bsd,df->bsf", (D, F), ("embed", "mlp"), std=cfg.init_std)
         self.up = linear("bsd,df->bsf", (D, F), ("embed", "mlp"), std=cfg.init_std)
         self.down = linear("bsf,fd->bsd", (F, D), ("mlp", "embed"), std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
@@ -298,7 +302,7 @@ class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, cfg: ModelConfig, layout: Layout | None, rngs: nnx.Rngs):
-        self.layout = layout
+        self.layout = layout = layer_layout(layout, cfg)
         self.attn_norm = RMSNorm(cfg, layout)
         self.attn = Attention(cfg, layout, rngs)
         self.mlp_norm = RMSNorm(cfg, layout)
@@ -314,12 +318,16 @@ class Block(nnx.Module):
 class Embed(nnx.Module):
     """Vocab-parallel embedding table (V, D), rows split over the vocab axis."""
 
-    def __init__(self, cfg: ModelConfig, padded_vocab: int, layout: Layout | None, rngs: nnx.Rngs):
-        self.layout = layout
+    def __init__(self, cfg: ModelConfig, padded_vocab: int | None = None, layout: Layout | None = None, *,
+                 rngs: nnx.Rngs):
+        self.layout = layer_layout(layout, cfg)
         self.compute_dtype = to_dtype(cfg.compute_dtype)
         self.table_names = ("vocab", "embed")
-        self.table = normal_param(rngs, (padded_vocab, cfg.d_model), self.table_names, cfg.init_std,
-                                  to_dtype(cfg.param_dtype))
+        if padded_vocab is None:  # rows padded to a multiple of the vocab split, as the Transformer does
+            padded_vocab = cfg.padded_vocab(1 if self.layout is None else self.layout.split_of("vocab"))
+        with placing(self.layout):
+            self.table = normal_param(rngs, (padded_vocab, cfg.d_model), self.table_names, cfg.init_std,
+                                      to_dtype(cfg.param_dtype))
         self.quant_mode = None  # jaxtp.quant.cast: int8 table plus one scale per vocab row (`scale`)
 
     def __call__(self, tokens_BS):

@@ -37,7 +37,6 @@ LOGITS = ("batch", "seq", "vocab")
 LAYERS = "layers"  # the logical name of a scanned model's stacked layer axis
 REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
                   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
-_INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
 
 
 class Transformer(nnx.Module):
@@ -49,7 +48,7 @@ class Transformer(nnx.Module):
         self.layout = layout
         model_axis = 1 if layout is None else _vocab_split(layout)
         self.padded_vocab = cfg.padded_vocab(model_axis)
-        self.embed = Embed(cfg, self.padded_vocab, layout, rngs)
+        self.embed = Embed(cfg, self.padded_vocab, layout, rngs=rngs)
         self.blocks = stacked_blocks(cfg, layout, rngs) if cfg.scan_layers else \
             nnx.List([Block(cfg, layout, rngs) for _ in range(cfg.n_layers)])
         self.final_norm = RMSNorm(cfg, layout)
@@ -59,18 +58,11 @@ class Transformer(nnx.Module):
 
     @classmethod
     def create(cls, cfg: ModelConfig, mesh, seed: int = 0, rules=None) -> "Transformer":
-        """Build sharded on `mesh` inside jit: no device materialises a whole TP-sharded weight."""
+        """Build sharded on `mesh` inside jit (jaxtp.create): no device materialises a whole TP-sharded weight."""
+        from .build import create
+
         layout = Layout.create(cfg, mesh, rules)
-        graphdef, abstract_state = nnx.split(abstract_model(cfg, layout, seed))
-        shardings = layout.state_shardings(abstract_state)
-
-        def init():
-            with nnx.use_eager_sharding(False):
-                return nnx.state(cls(cfg, layout=layout, rngs=nnx.Rngs(seed)))
-
-        # Threefry compiles slowly on XLA:CPU and init runs once: skip backend optimisation (~35% faster).
-        compiled = jax.jit(init, out_shardings=shardings).lower().compile(_INIT_COMPILER_OPTIONS)
-        return nnx.merge(graphdef, compiled())
+        return create(lambda rngs: cls(cfg, layout=layout, rngs=rngs), mesh, rules=layout, seed=seed)
 
     def hidden(self, tokens_BS, positions_BS=None, **attn_kwargs):
         """Final normalised hidden states [B, S, D] (the head is applied separately)."""

@@ -33,7 +33,10 @@ no other change.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import functools
 import math
 from typing import Mapping, Sequence
 
@@ -97,16 +100,9 @@ def _hint(cfg: ModelConfig, mesh, axes: tuple[str, ...], size: int) -> str:
     return f"pick a mesh whose {'+'.join(axes)} size divides it (sizes that do, on {n_dev} devices: {', '.join(ok)})"
 
 
-def resolve_rules(cfg: ModelConfig, mesh, rules: Mapping | str | None = None) -> dict:
-    """Resolve a rules table for `cfg` on `mesh`, checking it and divisibility up front.
-
-    `rules`: a preset name (RULE_PRESETS), a dict {logical name: mesh axis | tuple of axes | None}
-    naming every logical axis, or None (megatron). Returns the same kind of dict with the mesh axes
-    the mesh lacks or has at size 1 removed (a tuple left with one axis becomes that axis). Raises
-    ValueError for unknown or missing logical names, unknown mesh axes, an axis repeated in one
-    target, and - naming the parameter, logical axis, mesh axis and both sizes - a split that cannot
-    be even.
-    """
+def resolve_table(mesh, rules: Mapping | str | None = None) -> dict:
+    """The rules table for `mesh` with no model config: names and mesh axes checked, mesh axes the mesh lacks
+    (or has at size 1) dropped. Divisibility is then checked per parameter, against its own shape."""
     if rules is None:
         rules = "megatron"
     if isinstance(rules, str):
@@ -135,6 +131,20 @@ def resolve_rules(cfg: ModelConfig, mesh, rules: Mapping | str | None = None) ->
             raise ValueError(f"rules table: logical axis {name!r} names a mesh axis twice in {target!r}")
         axes = tuple(a for a in axes if a in mesh_axes and axis_size(mesh, a) > 1)
         resolved[name] = None if not axes else axes[0] if len(axes) == 1 else axes
+    return resolved
+
+
+def resolve_rules(cfg: ModelConfig, mesh, rules: Mapping | str | None = None) -> dict:
+    """Resolve a rules table for `cfg` on `mesh`, checking it and divisibility up front.
+
+    `rules`: a preset name (RULE_PRESETS), a dict {logical name: mesh axis | tuple of axes | None}
+    naming every logical axis, or None (megatron). Returns the same kind of dict with the mesh axes
+    the mesh lacks or has at size 1 removed (a tuple left with one axis becomes that axis). Raises
+    ValueError for unknown or missing logical names, unknown mesh axes, an axis repeated in one
+    target, and - naming the parameter, logical axis, mesh axis and both sizes - a split that cannot
+    be even.
+    """
+    resolved = resolve_table(mesh, rules)
     for name, field in _SIZED_AXES.items():
         axes = _axes_of(resolved[name])
         if not axes:
@@ -239,6 +249,80 @@ class Layout:
 
     def table(self) -> list[tuple[str, str]]:
         return [(k, "replicated" if v is None else "+".join(_axes_of(v))) for k, v in self.rules.items()]
+
+    def split_of(self, name: str) -> int:
+        """How many ways the logical axis `name` is split."""
+        return _split(self.mesh, _axes_of(self.rules.get(name)))
+
+    def for_config(self, cfg: ModelConfig) -> "Layout":
+        """This table checked against `cfg`'s sizes (kv heads fewer than the model axis get replicated);
+        one Layout per (table, config), so the layers of one model share it."""
+        return _for_config(self, cfg)
+
+    def placing(self):
+        """Flax's logical-axis rules set to this table, so that parameters created under `jax.set_mesh`
+        (Flax's eager sharding) land where this layout says."""
+        return nnx.logical_axis_rules(list(self.rules.items()))
+
+
+@functools.lru_cache(maxsize=64)
+def _for_config(layout: Layout, cfg: ModelConfig) -> Layout:
+    return Layout(layout.mesh, resolve_rules(cfg, layout.mesh, layout.rules))
+
+
+_CURRENT: contextvars.ContextVar[Layout | None] = contextvars.ContextVar("jaxtp_layout", default=None)
+
+
+@contextlib.contextmanager
+def axis_rules(mesh, rules: Mapping | str | Layout | None = None):
+    """The rules table in force for jaxtp layers built inside (those given no `layout`), and, through
+    Flax's logical-axis rules, for any parameter named with jaxtp's logical axes. With `jax.set_mesh(mesh)`
+    around it, building a model places every parameter (Flax's eager sharding); `jaxtp.create` uses it
+    inside jit. Yields the Layout."""
+    layout = rules if isinstance(rules, Layout) else Layout(mesh, resolve_table(mesh, rules))
+    token = _CURRENT.set(layout)
+    try:
+        with layout.placing():
+            yield layout
+    finally:
+        _CURRENT.reset(token)
+
+
+def layer_layout(layout: Layout | None, cfg: ModelConfig) -> Layout | None:
+    """The layout a layer uses: the one it was given, else the `axis_rules` in force checked against its
+    config, else None (unsharded). Building under a bare `jax.set_mesh` with eager sharding on is refused
+    here with the fix, where Flax would read jaxtp's logical names as mesh axes."""
+    if layout is not None:
+        return layout
+    current = _CURRENT.get()
+    if current is not None:
+        return current.for_config(cfg)
+    if nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty:
+        raise ValueError("jaxtp layers built under jax.set_mesh need the rules table too: add "
+                         "jaxtp.axis_rules(mesh, rules) to the with-statement, or build with jaxtp.create(...)")
+    return None
+
+
+def placing(layout: Layout | None):
+    """Layout.placing, or nothing without a layout."""
+    return contextlib.nullcontext() if layout is None else layout.placing()
+
+
+def module_shardings(module, default: Layout):
+    """NamedShardings for every Variable of `module`: a Variable of a module that holds a `layout` (jaxtp's
+    layers) follows that layout's rules; others follow `default`. Unnamed Variables are replicated."""
+    layouts = {path: m.layout for path, m in nnx.iter_modules(module) if isinstance(getattr(m, "layout", None), Layout)}
+
+    def one(path, v):
+        layout = layouts.get(tuple(path[:-1]), default)
+        names = v.get_metadata().get("out_sharding")
+        where = "/".join(str(p) for p in path)
+        spec = layout.spec(names, where) if names else P()
+        if names:
+            check_divisible(where, names, v.shape, layout.mesh, spec)
+        return v.replace(NamedSharding(layout.mesh, spec))
+
+    return nnx.from_flat_state([(path, one(path, v)) for path, v in nnx.to_flat_state(nnx.state(module))])
 
 
 def check_divisible(where: str, names, shape, mesh, spec: P) -> None:

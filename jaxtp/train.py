@@ -1,8 +1,13 @@
 """Training: optax AdamW with warmup+cosine and clipping, one jitted step, held-out evaluation.
 
-The step is functional - (params, opt_state, tokens) -> (params, opt_state, metrics) - jitted once
+The step is functional - (params, opt_state, batch) -> (params, opt_state, metrics) - jitted once
 with the params and optimizer state donated, so XLA updates them in place. Optimizer moments are
 created under jit from the sharded params and inherit their shardings (f32 master weights).
+
+The loss is the LM next-token loss on a [B, S+1] token window by default, or any
+`loss_fn(model, batch)` for a user's own NNX model (a classifier of jaxtp layers plus an nnx.Linear
+head, ...); the batch is then any pytree of arrays the caller has placed. `evaluate` and
+`train_flops_per_step` are LM-only.
 """
 
 from __future__ import annotations
@@ -10,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -64,6 +70,9 @@ def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
                                    mask=decay_mask))
 
 
+LossFn = Callable[[nnx.Module, Any], Any]  # (model, batch) -> loss, or (loss, aux: dict of arrays)
+
+
 @dataclasses.dataclass
 class Trainer:
     """Holds the split model (graphdef, params, rest), the optimizer state and the compiled step."""
@@ -75,17 +84,37 @@ class Trainer:
     tx: optax.GradientTransformation
     step_fn: callable
     step: int = 0
+    loss_fn: LossFn = lm_loss
 
     @classmethod
-    def create(cls, model: nnx.Module, tc: TrainConfig) -> "Trainer":
+    def create(cls, model: nnx.Module, tc: TrainConfig, loss_fn: LossFn | None = None) -> "Trainer":
+        """Take over `model` (its parameter buffers are donated to the first step: use `trainer.model`
+        from then on) and train its `nnx.Param`s with `make_optimizer(tc)`.
+
+        loss_fn(model, batch) returns the scalar loss to minimise, or `(loss, aux)` with `aux` a dict of
+        arrays that `train_step` returns beside "loss" and "grad_norm". None (default) is the LM loss,
+        `jaxtp.loss.lm_loss`, whose batch is a [B, S+1] token window. With a loss_fn the batch is any
+        pytree of arrays (e.g. {"tokens": [B, S], "label": [B]}), placed by the caller (batch over
+        `data`), and `model` is any nnx.Module: it needs no `layout` or `cfg`. Its parameters must all be
+        placed on one mesh (NamedSharding; Adam moments then take their shardings and the step fixes
+        them on both sides) or all be unsharded (one device). Only TrainConfig's optimizer fields (lr,
+        warmup_steps, steps, min_lr_ratio, weight_decay, clip_norm, b1, b2) matter here; batch_size and
+        seq_len describe the LM data.
+
+        Non-Param state (`rest`: e.g. BatchNorm statistics, dropout RNG counters) is held fixed: the step
+        reads it, never updates it. The step compiles once per batch structure/shape/sharding."""
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         tx = make_optimizer(tc)
         param_sh, opt_sh = state_shardings(params, tx, getattr(model, "layout", None))
         opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
-        return cls(graphdef, params, rest, opt_state, tx, make_train_step(graphdef, rest, tx, param_sh, opt_sh))
+        loss_fn = lm_loss if loss_fn is None else loss_fn
+        step_fn = make_train_step(graphdef, rest, tx, param_sh, opt_sh, loss_fn=loss_fn)
+        return cls(graphdef, params, rest, opt_state, tx, step_fn, loss_fn=loss_fn)
 
-    def train_step(self, tokens_BS1) -> dict:
-        self.params, self.opt_state, metrics = self.step_fn(self.params, self.opt_state, tokens_BS1)
+    def train_step(self, batch) -> dict:
+        """One optimizer step on `batch` ([B, S+1] tokens for the LM loss, else loss_fn's batch):
+        {"loss", "grad_norm", **aux}, as device arrays."""
+        self.params, self.opt_state, metrics = self.step_fn(self.params, self.opt_state, batch)
         self.step += 1
         return metrics
 
@@ -94,12 +123,35 @@ class Trainer:
         return nnx.merge(self.graphdef, self.params, self.rest)
 
 
-def state_shardings(params, tx, layout):
+def _mesh_of(params, layout):
+    """The mesh the params live on: the layout's, else the one all their NamedShardings share; None when
+    they are all unsharded. Params split between a mesh and single devices (or over two meshes) are an
+    error, named here rather than by jit."""
+    if layout is not None:
+        return layout.mesh
+    named, other = {}, []
+    for path, x in jax.tree_util.tree_leaves_with_path(params):
+        sh = getattr(x, "sharding", None)
+        (named.setdefault(sh.mesh, jax.tree_util.keystr(path)) if isinstance(sh, NamedSharding)
+         else other.append(jax.tree_util.keystr(path)))
+    if not named:
+        return None
+    if len(named) > 1 or other:
+        where = other[0] if other else list(named.values())[1]
+        raise ValueError(f"Trainer: parameters must all be placed on one mesh (NamedSharding) or all be "
+                         f"unsharded; {list(named.values())[0]} is on {next(iter(named)).shape_tuple} but "
+                         f"{where} is not on that mesh (jax.device_put it with a NamedSharding)")
+    return next(iter(named))
+
+
+def state_shardings(params, tx, layout=None):
     """Shardings of the params and of the optimizer state: Adam moments shard exactly like their
-    parameters (optax.tree_map_params pairs them); counters are replicated. Without a mesh: None."""
-    if layout is None:
+    parameters (optax.tree_map_params pairs them); counters are replicated. The mesh is the layout's,
+    else the params' own (a user model without a layout). Unsharded params: (None, None)."""
+    mesh = _mesh_of(params, layout)
+    if mesh is None:
         return None, None
-    replicated = NamedSharding(layout.mesh, P())
+    replicated = NamedSharding(mesh, P())
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     abstract = jax.eval_shape(tx.init, params)
     opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract, param_sh,
@@ -108,18 +160,20 @@ def state_shardings(params, tx, layout):
     return param_sh, opt_sh
 
 
-def make_train_step(graphdef, rest, tx, param_sh=None, opt_sh=None):
-    """The jitted train step, with params and optimizer state donated and their shardings fixed on
-    both sides, so it compiles exactly once (a test checks the jit cache holds one entry)."""
+def make_train_step(graphdef, rest, tx, param_sh=None, opt_sh=None, *, loss_fn: LossFn = lm_loss):
+    """The jitted train step (params, opt_state, batch) -> (params, opt_state, metrics), with params and
+    optimizer state donated and their shardings fixed on both sides, so it compiles exactly once (a
+    test checks the jit cache holds one entry). `loss_fn(model, batch)` -> loss or (loss, aux dict)."""
 
-    def step(params, opt_state, tokens_BS1):
+    def step(params, opt_state, batch):
         def loss_of(p):
-            return lm_loss(nnx.merge(graphdef, p, rest), tokens_BS1)
+            out = loss_fn(nnx.merge(graphdef, p, rest), batch)
+            return out if isinstance(out, tuple) else (out, {})
 
-        loss, grads = jax.value_and_grad(loss_of)(params)
+        (loss, aux), grads = jax.value_and_grad(loss_of, has_aux=True)(params)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {"loss": loss, "grad_norm": optax.tree.norm(grads)}
+        return params, opt_state, {**aux, "loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     if param_sh is None:
         return jax.jit(step, donate_argnums=(0, 1))
@@ -135,7 +189,8 @@ def eval_loss_fn(graphdef: nnx.GraphDef):
 
 
 def evaluate(model: nnx.Module, batches) -> dict:
-    """Held-out loss in nats/byte (tokens are bytes), bits/byte and perplexity."""
+    """Held-out LM loss in nats/byte (tokens are bytes), bits/byte and perplexity, over [B, S+1] token
+    batches. LM-only: for a model trained with a custom loss_fn, jit that loss over held-out batches."""
     graphdef, state = nnx.split(model)
     fn = eval_loss_fn(graphdef)
     losses = [float(fn(state, b)) for b in batches]
@@ -144,7 +199,7 @@ def evaluate(model: nnx.Module, batches) -> dict:
 
 
 def train_flops_per_step(cfg, batch_size: int, seq_len: int) -> float:
-    """Model FLOPs per step (PaLM convention): 6*P*T over matmul params (the embedding lookup is no
+    """LM-only. Model FLOPs per step (PaLM convention): 6*P*T over matmul params (the embedding lookup is no
     matmul; the head is) plus attention 12*L*B*S^2*N*H counted non-causally. No remat counted."""
     T = batch_size * seq_len
     matmul_params = cfg.matmul_param_count()
