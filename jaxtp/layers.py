@@ -164,8 +164,10 @@ def rope(x_BSnH, positions_BS, theta: float, scaling: tuple | None = None):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BSnH.dtype)
 
 
-def attend(q_BSNH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_valid_BT=None):
-    """Causal grouped-query attention by position: key t is visible to query s iff pos_t <= pos_s.
+def attend(q_BSNH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_valid_BT=None, causal: bool = True, mask_BST=None):
+    """Grouped-query attention. Causal by position: key t is visible to query s iff pos_t <= pos_s; with
+    causal=False every key is (an encoder). `k_valid_BT` drops padded keys; `mask_BST` (True = may attend,
+    broadcastable to [B, S, T]) is any further mask.
 
     Each kv head is repeated for its G = N/K query heads, so every head-indexed tensor splits over the
     heads axis the same way (no resharding when kv heads are replicated); the softmax runs in f32.
@@ -174,7 +176,10 @@ def attend(q_BSNH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_valid_BT=None):
     G = N // k_BTKH.shape[2]
     k_BTNH, v_BTNH = jnp.repeat(k_BTKH, G, axis=2), jnp.repeat(v_BTKH, G, axis=2)
     scores_BNST = jnp.einsum("bsnh,btnh->bnst", q_BSNH, k_BTNH).astype(jnp.float32) / math.sqrt(H)
-    visible_BST = k_pos_BT[:, None, :] <= q_pos_BS[:, :, None]
+    visible_BST = k_pos_BT[:, None, :] <= q_pos_BS[:, :, None] if causal else \
+        jnp.ones((B, S, k_BTKH.shape[1]), bool)
+    if mask_BST is not None:
+        visible_BST = visible_BST & jnp.broadcast_to(mask_BST, visible_BST.shape)
     if k_valid_BT is not None:
         visible_BST = visible_BST & k_valid_BT[:, None, :]
     scores_BNST = jnp.where(visible_BST[:, None], scores_BNST, -1e30)
@@ -182,13 +187,21 @@ def attend(q_BSNH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_valid_BT=None):
     return jnp.einsum("bnst,btnh->bsnh", probs_BNST, v_BTNH)
 
 
-class Attention(nnx.Module):
-    """GQA attention: q/k/v column-parallel over heads, output projection row-parallel."""
+def default_positions(x_BS_):
+    """0..S-1 in every row, for an input [B, S, ...]."""
+    B, S = x_BS_.shape[:2]
+    return jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
 
-    def __init__(self, cfg: ModelConfig, layout: Layout | None, rngs: nnx.Rngs):
+
+class Attention(nnx.Module):
+    """GQA attention: q/k/v column-parallel over heads, output projection row-parallel. causal=False makes
+    it bidirectional (an encoder's)."""
+
+    def __init__(self, cfg: ModelConfig, layout: Layout | None, rngs: nnx.Rngs, *, causal: bool = True):
         D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
         self.layout, self.theta, self.rope_scaling = layer_layout(layout, cfg), cfg.rope_theta, cfg.rope_scaling
+        self.causal = causal
         linear = functools.partial(Linear, cfg=cfg, rngs=rngs, layout=self.layout)
         self.q = linear("bsd,dnh->bsnh", (D, N, H), ("embed", "heads", "head_dim"), std=std, bias=cfg.qkv_bias)
         self.k = linear("bsd,dkh->bskh", (D, K, H), ("embed", "kv_heads", "head_dim"), std=std, bias=cfg.qkv_bias)
@@ -264,15 +277,17 @@ class Attention(nnx.Module):
         wk_DKH, wv_DKH = self.k.read(), self.v.read()
         return jnp.concatenate([wq_DNH.reshape(D, K, G, H), wk_DKH[:, :, None], wv_DKH[:, :, None]], axis=2)
 
-    def __call__(self, x_BSD, positions_BS, kv=None, k_pos_BT=None, k_valid_BT=None):
-        """Self-attention over x; or, with `kv`=(k_BTKH, v_BTKH) from a cache, over those keys."""
+    def __call__(self, x_BSD, positions_BS=None, kv=None, k_pos_BT=None, k_valid_BT=None, mask_BST=None):
+        """Self-attention over x; or, with `kv`=(k_BTKH, v_BTKH) from a cache, over those keys. Positions
+        default to 0..S-1 in every row; `mask_BST` (True = may attend) restricts it further."""
+        positions_BS = default_positions(x_BSD) if positions_BS is None else positions_BS
         x_BSD = constrain(x_BSD, BLOCK_IN, self.layout)
         if kv is None:
             q_BSNH, *kv = self.project_qkv(x_BSD, positions_BS)
             k_pos_BT = positions_BS
         else:
             q_BSNH = self.project_q(x_BSD, positions_BS)
-        out_BSNH = attend(q_BSNH, kv[0], kv[1], positions_BS, k_pos_BT, k_valid_BT)
+        out_BSNH = attend(q_BSNH, kv[0], kv[1], positions_BS, k_pos_BT, k_valid_BT, self.causal, mask_BST)
         out_BSNH = constrain(out_BSNH, HEADS, self.layout)
         return constrain(self.o(out_BSNH), RESIDUAL, self.layout)
 
@@ -299,16 +314,20 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). causal=False: an encoder block."""
 
-    def __init__(self, cfg: ModelConfig, layout: Layout | None, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, layout: Layout | None = None, rngs: nnx.Rngs | None = None, *,
+                 causal: bool = True):
+        if rngs is None:
+            raise TypeError("Block needs rngs: Block(cfg, rngs=nnx.Rngs(seed))")
         self.layout = layout = layer_layout(layout, cfg)
         self.attn_norm = RMSNorm(cfg, layout)
-        self.attn = Attention(cfg, layout, rngs)
+        self.attn = Attention(cfg, layout, rngs, causal=causal)
         self.mlp_norm = RMSNorm(cfg, layout)
         self.mlp = MLP(cfg, layout, rngs)
 
-    def __call__(self, x_BSD, positions_BS, **attn_kwargs):
+    def __call__(self, x_BSD, positions_BS=None, **attn_kwargs):
+        """`attn_kwargs`: Attention's (e.g. mask_BST)."""
         x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions_BS, **attn_kwargs)
         x_BSD = constrain(x_BSD, RESIDUAL, self.layout)
         x_BSD = x_BSD + self.mlp(self.mlp_norm(x_BSD))

@@ -122,3 +122,33 @@ def test_unknown_name_and_indivisible_dimension_in_a_users_layer():
     with pytest.raises(ValueError, match=r"w: dimension 1 \(logical axis 'mlp', size 6\) is not divisible by mesh "
                                          r"axis 'model' of size 4"):
         jaxtp.create(lambda rngs: Odd(rngs, ("embed", "mlp"), (64, 6)), mesh)
+
+
+class Encoder(nnx.Module):
+    """Embed -> 2 bidirectional Blocks (no positions passed: 0..S-1 by default)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.embed = jaxtp.Embed(CFG, rngs=rngs)
+        self.blocks = nnx.List([jaxtp.Block(CFG, rngs=rngs, causal=False) for _ in range(2)])
+
+    def __call__(self, tokens_BS, mask_BST=None):
+        x_BSD = self.embed(tokens_BS)
+        for block in self.blocks:
+            x_BSD = block(x_BSD, mask_BST=mask_BST)
+        return x_BSD
+
+
+def test_non_causal_encoder_is_mesh_invariant_and_bidirectional():
+    tokens = np.random.default_rng(0).integers(0, 256, (8, 12)).astype(np.int32)
+    changed = tokens.copy()
+    changed[:, -1] = (changed[:, -1] + 1) % 256
+    one = jaxtp.create(Encoder, jaxtp.make_mesh("1x1"))
+    out_1x1, out_changed = np.asarray(one(tokens)), np.asarray(one(changed))
+    np.testing.assert_allclose(np.asarray(jaxtp.create(Encoder, jaxtp.make_mesh("2x4"))(tokens)), out_1x1,
+                               rtol=1e-5, atol=1e-5)
+    assert np.abs(out_changed[:, 0] - out_1x1[:, 0]).max() > 1e-4  # the first position sees the last token
+    # A mask that hides the last key from every query makes the other positions blind to it again.
+    mask_BST = np.ones((1, 12, 12), bool)
+    mask_BST[..., -1] = False
+    np.testing.assert_allclose(np.asarray(one(changed, mask_BST))[:, :-1], np.asarray(one(tokens, mask_BST))[:, :-1],
+                               rtol=1e-6, atol=1e-6)
