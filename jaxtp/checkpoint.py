@@ -30,9 +30,11 @@ def _abstract(tree):
 
 
 def model_meta(model) -> dict:
+    """The config travels for a Transformer; a module of the user's own is rebuilt by `load(..., build=)`."""
     from .quant import precision_of
 
-    return {"format": FORMAT, "config": dataclasses.asdict(model.cfg), "precision": precision_of(model)}
+    config = dataclasses.asdict(model.cfg) if isinstance(model, Transformer) else None
+    return {"format": FORMAT, "config": config, "precision": precision_of(model), "module": type(model).__name__}
 
 
 def abstract_for(meta: dict, mesh, rules=None) -> nnx.Module:
@@ -51,6 +53,24 @@ def abstract_for(meta: dict, mesh, rules=None) -> nnx.Module:
     abstract = nnx.eval_shape(build)
     graphdef, state = nnx.split(abstract)
     shardings = layout.state_shardings(state)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+    return nnx.merge(graphdef, state)
+
+
+def abstract_built(build, precision: str, mesh, rules=None) -> nnx.Module:
+    """An abstract `build(rngs)` in `precision`, sharded for `mesh` as jaxtp.create would place it."""
+    from .quant import _convert
+    from .sharding import axis_rules, module_shardings
+
+    with axis_rules(mesh, rules) as layout:
+        def make():
+            with nnx.use_eager_sharding(False):
+                model = build(nnx.Rngs(0))
+                return model if precision == "f32" else _convert(model, precision)
+
+        abstract = nnx.eval_shape(make)
+        shardings = module_shardings(abstract, layout)
+    graphdef, state = nnx.split(abstract)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
     return nnx.merge(graphdef, state)
 
@@ -92,11 +112,18 @@ def _restore(path, target_state: dict, what: str) -> dict:
                          f"incompatible ({type(e).__name__}: {first})") from None
 
 
-def load(path, mesh, rules=None) -> nnx.Module:
-    """Load a model saved by `save` onto `mesh` (any mesh: arrays are resharded on restore)."""
+def load(path, mesh, rules=None, *, build=None) -> nnx.Module:
+    """Load a model saved by `save` onto `mesh` (any mesh: arrays are resharded on restore). A module of
+    your own needs `build`, the `fn(rngs)` you gave jaxtp.create: it is traced for shapes, never run."""
     path = pathlib.Path(path).absolute()
     meta = read_meta(path)
-    abstract = abstract_for(meta, mesh, rules)
+    if build is not None:
+        abstract = abstract_built(build, meta["precision"], mesh, rules)
+    elif meta.get("config") is None:
+        raise ValueError(f"{path} holds a {meta.get('module', 'module')} of your own, not a Transformer: pass "
+                         "build=lambda rngs: YourModel(..., rngs=rngs), as given to jaxtp.create")
+    else:
+        abstract = abstract_for(meta, mesh, rules)
     graphdef, state = nnx.split(abstract)
     restored = _restore(path, nnx.to_pure_dict(state), "model")
     nnx.replace_by_pure_dict(state, restored)

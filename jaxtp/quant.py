@@ -220,14 +220,26 @@ def _convert(model, precision: str):
     return model
 
 
+def model_layout(model):
+    """The layout a model's parameters follow: its own, else its first jaxtp layer's (a user's model built
+    by jaxtp.create); None for a model built unsharded."""
+    from .sharding import Layout
+
+    layouts = (getattr(m, "layout", None) for _, m in nnx.iter_modules(model))
+    return next((lay for lay in layouts if isinstance(lay, Layout)), None)
+
+
 def cast(model, precision: str):
     """A new model with parameters in `precision` ("f32" | "bf16" | "int8" | "w8a8"), shards in place.
 
     "f32"/"bf16": every floating `nnx.Param` (storage) and the compute dtype. "int8": weight-only int8
     Linear kernels and embedding (per-output-channel scales, norms stay float), compute dtype unchanged.
     "w8a8": the same storage with int8 x int8 matmuls (inference only). The input model is untouched.
-    A model without a layout (built unsharded) is cast on its device.
+    Any NNX module works (a user's model of jaxtp layers): each quantised weight keeps its layer's
+    placement. A model without a layout (built unsharded) is cast on its device.
     """
+    from .sharding import module_shardings
+
     _check_precision(precision)
     graphdef, state = nnx.split(model)
 
@@ -236,9 +248,9 @@ def cast(model, precision: str):
             return _convert(nnx.merge(graphdef, state), precision)
 
     abstract = nnx.eval_shape(build, state)
-    new_graphdef, abstract_state = nnx.split(abstract)
-    layout = getattr(model, "layout", None)
-    shardings = layout.state_shardings(abstract_state) if layout is not None else None
+    new_graphdef, _ = nnx.split(abstract)
+    layout = model_layout(model)
+    shardings = module_shardings(abstract, layout) if layout is not None else None
     new_state = jax.jit(lambda s: nnx.state(build(s)), out_shardings=shardings)(state)
     return nnx.merge(new_graphdef, new_state)
 

@@ -152,3 +152,22 @@ def test_non_causal_encoder_is_mesh_invariant_and_bidirectional():
     mask_BST[..., -1] = False
     np.testing.assert_allclose(np.asarray(one(changed, mask_BST))[:, :-1], np.asarray(one(tokens, mask_BST))[:, :-1],
                                rtol=1e-6, atol=1e-6)
+
+
+def test_table_cast_and_checkpoint_take_a_users_model(tmp_path):
+    mesh = jaxtp.make_mesh("2x4")
+    created = jaxtp.create(Classifier, mesh)
+    table = jaxtp.param_table(created)
+    assert table.total_params == sum(int(np.prod(v.shape)) for v in flat(created).values())
+    tokens = jax.device_put(np.ones((8, 16), np.int32), jax.sharding.NamedSharding(mesh, P("data")))
+    ref = np.asarray(created(tokens))
+    int8 = jaxtp.cast(created, "int8")
+    q = int8.blocks[0].attn.o.kernel[...]
+    assert q.dtype == jnp.int8 and q.sharding.spec == P("model", None, None)
+    np.testing.assert_allclose(np.asarray(int8(tokens)), ref, rtol=0.05, atol=0.05)
+    jaxtp.save(tmp_path / "ckpt", created)
+    with pytest.raises(ValueError, match="pass build=lambda rngs"):
+        jaxtp.load(tmp_path / "ckpt", jaxtp.make_mesh("1x8"))
+    restored = jaxtp.load(tmp_path / "ckpt", jaxtp.make_mesh("1x8"), build=Classifier)
+    assert restored.blocks[0].attn.k.kernel[...].sharding.spec == P(None, None, None)  # 1x8: kv replicated
+    np.testing.assert_allclose(np.asarray(restored(np.ones((8, 16), np.int32))), ref, rtol=1e-5, atol=1e-6)
