@@ -120,8 +120,9 @@ class RMSNorm(nnx.Module):
     """RMSNorm over the last axis, the scale applied after normalising (in f32). Default: the model width
     ("embed"); Qwen3's q/k norms use size=head_dim, names=("head_dim",)."""
 
-    def __init__(self, cfg: ModelConfig, layout: Layout | None = None, size: int | None = None,
-                 names: tuple = ("embed",)):
+    def __init__(self, cfg: ModelConfig | None = None, layout: Layout | None = None, size: int | None = None,
+                 names: tuple = ("embed",), **dims):
+        cfg = layer_config(cfg, dims)
         self.eps = cfg.norm_eps
         self.layout = layer_layout(layout, cfg)
         self.names = tuple(names)
@@ -187,6 +188,20 @@ def attend(q_BSNH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_valid_BT=None, causal: 
     return jnp.einsum("bnst,btnh->bsnh", probs_BNST, v_BTNH)
 
 
+def layer_config(cfg: ModelConfig | None, dims: dict) -> ModelConfig:
+    """A layer's sizes: a ModelConfig, or just the dimensions it uses as keywords (d_model=64, n_heads=8,
+    ...; ModelConfig's defaults fill the rest), or a ModelConfig with some of them replaced."""
+    if cfg is None:
+        return ModelConfig(**dims)
+    return cfg.replace(**dims) if dims else cfg
+
+
+def _need(rngs, layer: str):
+    if rngs is None:
+        raise TypeError(f"{layer} needs rngs: {layer}(..., rngs=nnx.Rngs(seed))")
+    return rngs
+
+
 def default_positions(x_BS_):
     """0..S-1 in every row, for an input [B, S, ...]."""
     B, S = x_BS_.shape[:2]
@@ -197,7 +212,9 @@ class Attention(nnx.Module):
     """GQA attention: q/k/v column-parallel over heads, output projection row-parallel. causal=False makes
     it bidirectional (an encoder's)."""
 
-    def __init__(self, cfg: ModelConfig, layout: Layout | None, rngs: nnx.Rngs, *, causal: bool = True):
+    def __init__(self, cfg: ModelConfig | None = None, layout: Layout | None = None, rngs: nnx.Rngs | None = None, *,
+                 causal: bool = True, **dims):
+        cfg, rngs = layer_config(cfg, dims), _need(rngs, "Attention")
         D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
         self.layout, self.theta, self.rope_scaling = layer_layout(layout, cfg), cfg.rope_theta, cfg.rope_scaling
@@ -295,7 +312,9 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU: gate and up column-parallel over `mlp` (separate weights, never a fused split), down row-parallel."""
 
-    def __init__(self, cfg: ModelConfig, layout: Layout | None, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig | None = None, layout: Layout | None = None, rngs: nnx.Rngs | None = None,
+                 **dims):
+        cfg, rngs = layer_config(cfg, dims), _need(rngs, "MLP")
         D, F = cfg.d_model, cfg.d_ff
         self.layout = layer_layout(layout, cfg)
         linear = functools.partial(Linear, cfg=cfg, rngs=rngs, layout=self.layout)
@@ -316,10 +335,9 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). causal=False: an encoder block."""
 
-    def __init__(self, cfg: ModelConfig, layout: Layout | None = None, rngs: nnx.Rngs | None = None, *,
-                 causal: bool = True):
-        if rngs is None:
-            raise TypeError("Block needs rngs: Block(cfg, rngs=nnx.Rngs(seed))")
+    def __init__(self, cfg: ModelConfig | None = None, layout: Layout | None = None, rngs: nnx.Rngs | None = None, *,
+                 causal: bool = True, **dims):
+        cfg, rngs = layer_config(cfg, dims), _need(rngs, "Block")
         self.layout = layout = layer_layout(layout, cfg)
         self.attn_norm = RMSNorm(cfg, layout)
         self.attn = Attention(cfg, layout, rngs, causal=causal)
@@ -337,8 +355,9 @@ class Block(nnx.Module):
 class Embed(nnx.Module):
     """Vocab-parallel embedding table (V, D), rows split over the vocab axis."""
 
-    def __init__(self, cfg: ModelConfig, padded_vocab: int | None = None, layout: Layout | None = None, *,
-                 rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig | None = None, padded_vocab: int | None = None, layout: Layout | None = None,
+                 *, rngs: nnx.Rngs, **dims):
+        cfg = layer_config(cfg, dims)
         self.layout = layer_layout(layout, cfg)
         self.compute_dtype = to_dtype(cfg.compute_dtype)
         self.table_names = ("vocab", "embed")

@@ -304,8 +304,9 @@ def layer_layout(layout: Layout | None, cfg: ModelConfig) -> Layout | None:
 
 
 def placing(layout: Layout | None):
-    """Layout.placing, or nothing without a layout."""
-    return contextlib.nullcontext() if layout is None else layout.placing()
+    """Layout.placing; without a layout (a layer built unsharded, with no mesh in context) Flax's eager
+    sharding is off, which would otherwise ask for a mesh to place the named parameters on."""
+    return nnx.use_eager_sharding(False) if layout is None else layout.placing()
 
 
 def module_shardings(module, default: Layout):

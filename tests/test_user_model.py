@@ -171,3 +171,16 @@ def test_table_cast_and_checkpoint_take_a_users_model(tmp_path):
     restored = jaxtp.load(tmp_path / "ckpt", jaxtp.make_mesh("1x8"), build=Classifier)
     assert restored.blocks[0].attn.k.kernel[...].sharding.spec == P(None, None, None)  # 1x8: kv replicated
     np.testing.assert_allclose(np.asarray(restored(np.ones((8, 16), np.int32))), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_layers_from_their_own_dimensions():
+    """A Block needs only the sizes it uses, as keywords; the same as a ModelConfig with those sizes."""
+    dims = dict(d_model=32, n_heads=4, n_kv_heads=2, d_ff=64)
+    block = jaxtp.Block(rngs=nnx.Rngs(0), **dims)
+    same = jaxtp.Block(jaxtp.ModelConfig(**dims), rngs=nnx.Rngs(0))
+    x = np.random.default_rng(0).normal(size=(2, 5, 32)).astype(np.float32)
+    np.testing.assert_array_equal(np.asarray(block(x)), np.asarray(same(x)))
+    assert block.attn.q.kernel[...].shape == (32, 4, 8) and block.mlp.up.kernel[...].shape == (32, 64)
+    assert jaxtp.Attention(rngs=nnx.Rngs(0), causal=False, **dims).causal is False
+    with pytest.raises(TypeError, match=r"MLP needs rngs"):
+        jaxtp.MLP(**dims)
