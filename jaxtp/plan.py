@@ -5,8 +5,8 @@ without devices. Parameter shapes and placements come from the model's own decla
 (`abstract_model` + the rules table), so parameter and optimizer bytes are exact; activations and
 collectives follow what XLA compiles for this model, measured on XLA:CPU with fake devices and
 checked in tests/test_plan.py (megatron) and tests/test_strategies.py (megatron-sp, fsdp, fsdp-sp: every
-rules preset, `rules=`) against `compiled.memory_analysis()` and the HLO. Formulas and their
-sources: /work/shared/THEORY.md (B1-B8). Notation: B batch, S seq, T tokens, D d_model, F d_ff, N heads,
+rules preset, `rules=`) against `compiled.memory_analysis()` and the HLO. The formulas and the reasoning
+behind them: docs/planner.md. Notation: B batch, S seq, T tokens, D d_model, F d_ff, N heads,
 K kv heads, H head dim, L layers, V (padded) vocab; a trailing `_l` means "per device" (local shard).
 
 Bytes of a collective follow jaxtp.hlo: the size of the unsharded buffer it produces (an all-reduce's
