@@ -13,6 +13,7 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from .quant import _convert
 from .sharding import axis_rules, module_shardings
 
 # Threefry compiles slowly on XLA:CPU and init runs once: skip backend optimisation (~35% faster).
@@ -28,15 +29,34 @@ def create(fn, mesh, rules=None, seed: int = 0) -> nnx.Module:
 
 def lower_init(fn, mesh, rules=None, seed: int = 0):
     """(graphdef, the lowered init) of `create`: its HLO shows what each device computes."""
+    graphdef, state = nnx.split(abstract_sharded(fn, mesh, rules, seed))
+    with axis_rules(mesh, rules):
+        init = jax.jit(lambda: nnx.state(_built(fn, seed, "f32")()), out_shardings=shardings_of(state))
+        return graphdef, init.lower()
+
+
+def abstract_sharded(fn, mesh, rules=None, seed: int = 0, precision: str = "f32") -> nnx.Module:
+    """`fn(rngs)` cast to `precision`, with no allocation: every array a ShapeDtypeStruct carrying the
+    sharding `create` gives it. The target of `create`, of checkpoint restores and of jaxtp.hf.load."""
     with axis_rules(mesh, rules) as layout:
-
-        def build():
-            with nnx.use_eager_sharding(False):
-                return fn(nnx.Rngs(seed))
-
-        abstract = nnx.eval_shape(build)
-        graphdef, _ = nnx.split(abstract)
-        return graphdef, jax.jit(lambda: nnx.state(build()), out_shardings=module_shardings(abstract, layout)).lower()
+        abstract = nnx.eval_shape(_built(fn, seed, precision))
+        shardings = module_shardings(abstract, layout)
+    graphdef, state = nnx.split(abstract)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
+    return nnx.merge(graphdef, state)
 
 
-__all__ = ["create", "lower_init"]
+def shardings_of(abstract_state):
+    """The shardings an abstract state's ShapeDtypeStructs carry, in the same tree."""
+    return jax.tree.map(lambda a: a.sharding, abstract_state)
+
+
+def _built(fn, seed: int, precision: str):
+    def build():
+        with nnx.use_eager_sharding(False):
+            model = fn(nnx.Rngs(seed))
+            return model if precision == "f32" else _convert(model, precision)
+    return build
+
+
+__all__ = ["create", "lower_init", "abstract_sharded", "shardings_of"]

@@ -17,6 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from .build import abstract_sharded
 from .config import ModelConfig
 from .model import Transformer
 from .sharding import Layout
@@ -39,40 +40,14 @@ def model_meta(model) -> dict:
 
 def abstract_for(meta: dict, mesh, rules=None) -> nnx.Module:
     """An abstract model of the checkpoint's config and precision, sharded for `mesh`."""
-    from .quant import cast
+    from .quant import QUANTISED
 
     cfg = ModelConfig(**{k: v for k, v in meta["config"].items() if k != "head_dim"},
                       head_dim=meta["config"].get("head_dim"))
     layout = Layout.create(cfg, mesh, rules)
-
-    def build():
-        with nnx.use_eager_sharding(False):
-            model = Transformer(cfg, layout=layout, rngs=nnx.Rngs(0))
-            return cast(model, meta["precision"]) if meta["precision"] in ("int8", "w8a8") else model
-
-    abstract = nnx.eval_shape(build)
-    graphdef, state = nnx.split(abstract)
-    shardings = layout.state_shardings(state)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
-    return nnx.merge(graphdef, state)
-
-
-def abstract_built(build, precision: str, mesh, rules=None) -> nnx.Module:
-    """An abstract `build(rngs)` in `precision`, sharded for `mesh` as jaxtp.create would place it."""
-    from .quant import _convert
-    from .sharding import axis_rules, module_shardings
-
-    with axis_rules(mesh, rules) as layout:
-        def make():
-            with nnx.use_eager_sharding(False):
-                model = build(nnx.Rngs(0))
-                return model if precision == "f32" else _convert(model, precision)
-
-        abstract = nnx.eval_shape(make)
-        shardings = module_shardings(abstract, layout)
-    graphdef, state = nnx.split(abstract)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
-    return nnx.merge(graphdef, state)
+    # float precisions live in the config's dtypes; only the int8 storage needs the cast
+    precision = meta["precision"] if meta["precision"] in QUANTISED else "f32"
+    return abstract_sharded(lambda rngs: Transformer(cfg, layout=layout, rngs=rngs), mesh, layout, precision=precision)
 
 
 def save(path, model, *, force: bool = False) -> pathlib.Path:
@@ -118,7 +93,7 @@ def load(path, mesh, rules=None, *, build=None) -> nnx.Module:
     path = pathlib.Path(path).absolute()
     meta = read_meta(path)
     if build is not None:
-        abstract = abstract_built(build, meta["precision"], mesh, rules)
+        abstract = abstract_sharded(build, mesh, rules, precision=meta["precision"])
     elif meta.get("config") is None:
         raise ValueError(f"{path} holds a {meta.get('module', 'module')} of your own, not a Transformer: pass "
                          "build=lambda rngs: YourModel(..., rngs=rngs), as given to jaxtp.create")

@@ -29,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from .config import ModelConfig
-from .layers import Block, Embed, Linear, RMSNorm
+from .layers import Block, Embed, Linear, RMSNorm, default_positions
 from .mesh import axis_size
 from .sharding import Layout, constrain
 
@@ -66,9 +66,7 @@ class Transformer(nnx.Module):
 
     def hidden(self, tokens_BS, positions_BS=None, **attn_kwargs):
         """Final normalised hidden states [B, S, D] (the head is applied separately)."""
-        B, S = tokens_BS.shape
-        if positions_BS is None:
-            positions_BS = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))
+        positions_BS = default_positions(tokens_BS) if positions_BS is None else positions_BS
 
         def step(block, x_BSD, i):
             return remat_block(block, self.cfg.remat)(x_BSD, positions_BS, attn_kwargs), None

@@ -2,7 +2,7 @@
 
 `cast(model, precision)` returns a new model; every array keeps its mesh placement because the
 conversion runs inside `jax.jit` with output shardings derived, as at construction, from the
-variables' logical names (`Layout.state_shardings`).
+variables' logical names (`sharding.module_shardings`: each layer's own layout).
 
 int8 (after Qwix/AQT, written small): per-output-channel symmetric absmax. A kernel whose leading
 `contract` axes are contracted gets a float32 scale of the kernel's shape with those axes reduced to 1,

@@ -237,15 +237,19 @@ class Layout:
         """NamedShardings for an nnx.State whose Variables carry `out_sharding` logical names."""
 
         def one(path, v):
-            names = v.get_metadata().get("out_sharding") if isinstance(v, nnx.Variable) else None
-            where = "/".join(str(p) for p in path)
-            spec = self.spec(names, where) if names else P()
-            if names:
-                check_divisible(where, names, v.shape, self.mesh, spec)
-            return v.replace(NamedSharding(self.mesh, spec)) if isinstance(v, nnx.Variable) else \
-                NamedSharding(self.mesh, spec)
+            sharding = self.variable_sharding("/".join(str(p) for p in path), v)
+            return v.replace(sharding) if isinstance(v, nnx.Variable) else sharding
 
         return jax.tree.map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+    def variable_sharding(self, where: str, v) -> NamedSharding:
+        """Where a Variable goes: its logical names through this table (divisibility checked against its
+        shape, naming `where`); a Variable without names is replicated."""
+        names = v.get_metadata().get("out_sharding") if isinstance(v, nnx.Variable) else None
+        spec = self.spec(names, where) if names else P()
+        if names:
+            check_divisible(where, names, v.shape, self.mesh, spec)
+        return NamedSharding(self.mesh, spec)
 
     def table(self) -> list[tuple[str, str]]:
         return [(k, "replicated" if v is None else "+".join(_axes_of(v))) for k, v in self.rules.items()]
@@ -316,12 +320,7 @@ def module_shardings(module, default: Layout):
 
     def one(path, v):
         layout = layouts.get(tuple(path[:-1]), default)
-        names = v.get_metadata().get("out_sharding")
-        where = "/".join(str(p) for p in path)
-        spec = layout.spec(names, where) if names else P()
-        if names:
-            check_divisible(where, names, v.shape, layout.mesh, spec)
-        return v.replace(NamedSharding(layout.mesh, spec))
+        return v.replace(layout.variable_sharding("/".join(str(p) for p in path), v))
 
     return nnx.from_flat_state([(path, one(path, v)) for path, v in nnx.to_flat_state(nnx.state(module))])
 

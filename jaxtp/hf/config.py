@@ -8,7 +8,6 @@ context, RoPE types other than default/llama3, biases on o_proj or the MLP, acti
 
 from __future__ import annotations
 
-import pathlib
 
 from ..config import ModelConfig
 from .files import CheckpointError, read_json, resolve

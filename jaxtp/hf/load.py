@@ -29,12 +29,13 @@ import numpy as np
 from flax import nnx
 from numpy._core import multiarray as np_multiarray
 
+from ..build import abstract_sharded
 from ..model import Transformer
-from ..quant import PRECISIONS, QMAX, SCALE_FLOOR, Int8Scale, Int8Weight, _convert, channel_scale
+from ..quant import PRECISIONS, QMAX, SCALE_FLOOR, Int8Scale, Int8Weight, channel_scale
 from ..sharding import Layout
 from .config import from_hf
 from .files import FLOAT_DTYPES, CheckpointError, open_file, read_json, resolve, tensor_infos, weight_files
-from .mapping import IGNORED_SUFFIXES, TensorMap, layer_name, tensor_map
+from .mapping import IGNORED_SUFFIXES, TensorMap, param_map
 
 NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 CHUNK_ELEMENTS = 1 << 20  # elements read per step when computing int8 scales: 4 MB of f32
@@ -55,24 +56,20 @@ def load(path, mesh, *, precision: str = "f32", rules=None, max_seq_len: int | N
     files = weight_files(directory)
     infos = tensor_infos(files)
 
-    def build(precision):
-        with nnx.use_eager_sharding(False):
-            model = Transformer(cfg, layout=layout, rngs=nnx.Rngs(0))
-            return model if precision == "f32" else _convert(model, precision)
+    def abstract(precision):
+        return abstract_sharded(lambda rngs: Transformer(cfg, layout=layout, rngs=rngs), mesh, layout,
+                                precision=precision)
 
-    float_maps = {p: _map_of(p, v, cfg) for p, v in nnx.to_flat_state(nnx.state(nnx.eval_shape(lambda: build("f32"))))}
+    float_maps = {p: param_map(p, v, cfg) for p, v in nnx.to_flat_state(nnx.state(abstract("f32")))}
     _check(float_maps, infos, cfg, directory)
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(precision)))
-    shardings = dict(nnx.to_flat_state(layout.state_shardings(abstract)))
+    graphdef, target = nnx.split(abstract(precision))
     reader = _Reader(files, infos)
     arrays = []
     with _without_huge_pages():
-        for path, var in nnx.to_flat_state(abstract):
+        for path, var in nnx.to_flat_state(target):
             source = path if not isinstance(var, Int8Scale) else \
                 path[:-1] + (("table",) if path[0] == "embed" else ("kernel",))
-            sharding = shardings[path]
-            sharding = sharding.get_value() if isinstance(sharding, nnx.Variable) else sharding
-            arrays.append((path, var.replace(reader.array(var, float_maps[source], sharding))))
+            arrays.append((path, var.replace(reader.array(var, float_maps[source], var.get_value().sharding))))
     return nnx.merge(graphdef, nnx.from_flat_state(arrays))
 
 
@@ -89,18 +86,6 @@ def _without_huge_pages():
     finally:
         if switch:
             switch(before)
-
-
-def _map_of(path, var, cfg) -> tuple[list[str], TensorMap, int | None]:
-    """(HF names, one per layer; the map; the stacked layer count or None) of a float parameter."""
-    names = var.get_metadata().get("out_sharding") or ()
-    stacked = bool(names) and names[0] == "layers"
-    key = "/".join(map(str, path))
-    tm = tensor_map(key, tuple(var.shape[1:] if stacked else var.shape), cfg.vocab_size)
-    if not key.startswith("blocks/"):
-        return [tm.hf_name], tm, None
-    layers = range(cfg.n_layers) if stacked else [int(path[1])]
-    return [layer_name(tm.hf_name, i) for i in layers], tm, (cfg.n_layers if stacked else None)
 
 
 def _check(maps, infos, cfg, directory):

@@ -98,3 +98,16 @@ def tensor_map(path: str, shape: tuple[int, ...], vocab_size: int) -> TensorMap:
 
 def layer_name(name: str, i: int) -> str:
     return name.replace("{i}", str(i))
+
+
+def param_map(path, var, cfg) -> tuple[list[str], TensorMap, int | None]:
+    """For a model variable at `path` (its per-layer counterpart for a scanned model's stacked arrays):
+    (the HF tensor names, one per layer it holds; the map; the stacked layer count, or None unstacked)."""
+    names = var.get_metadata().get("out_sharding") or ()
+    stacked = bool(names) and names[0] == "layers"
+    key = "/".join(map(str, path))
+    tm = tensor_map(key, tuple(var.shape[1:] if stacked else var.shape), cfg.vocab_size)
+    if not key.startswith("blocks/"):
+        return [tm.hf_name], tm, None
+    layers = range(cfg.n_layers) if stacked else [int(path[1])]
+    return [layer_name(tm.hf_name, i) for i in layers], tm, (cfg.n_layers if stacked else None)

@@ -31,7 +31,7 @@ from flax import nnx
 from ..quant import Int8Scale, Int8Weight, precision_of
 from .config import to_hf
 from .files import INDEX, SINGLE
-from .mapping import layer_name, tensor_map
+from .mapping import param_map
 
 ST_DTYPES = {"float32": "F32", "bfloat16": "BF16"}
 DEFAULT_SHARD_BYTES = 5 * 2 ** 30  # transformers' own default max_shard_size
@@ -94,14 +94,9 @@ def _tensors(model, dtype: str) -> dict:
     for path, var in state.items():
         if isinstance(var, Int8Scale) or not isinstance(var, (nnx.Param, Int8Weight)):
             continue
-        names = var.get_metadata().get("out_sharding") or ()
-        stacked = bool(names) and names[0] == "layers"
-        key = "/".join(map(str, path))
-        tm = tensor_map(key, tuple(var.shape[1:] if stacked else var.shape), cfg.vocab_size)
+        names, tm, stacked = param_map(path, var, cfg)
         scale = state.get(path[:-1] + ("scale",)) if isinstance(var, Int8Weight) else None
-        layers = range(cfg.n_layers) if stacked else [int(path[1])] if key.startswith("blocks/") else [None]
-        for i in layers:
-            name = tm.hf_name if i is None else layer_name(tm.hf_name, i)
+        for i, name in enumerate(names):
             out[name] = (tm.hf_shape, _np_dtype(dtype), _fetcher(var, scale, tm, i if stacked else None, dtype))
     return dict(sorted(out.items(), key=lambda kv: _order(kv[0])))
 
