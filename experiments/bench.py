@@ -39,7 +39,9 @@ run (which compiles).
 
 On a machine without an accelerator, N fake CPU devices (default 8) are created before JAX starts so
 that sharded meshes run; with a GPU/TPU, the fake CPU devices are harmless and meshes use the real ones.
-On CPU, bf16/int8 are about numerics and bytes, not speed (see DESIGN.md).
+On XLA:CPU an int8 x int8 dot runs at about f32 speed, bf16 matmuls run slower than f32, and weight-only
+int8 is slower still at decode shapes (the dequantised weight is written out first): CPU rows for bf16/int8
+measure numerics and bytes; their speed needs a GPU or TPU.
 """
 
 from __future__ import annotations

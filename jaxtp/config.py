@@ -1,7 +1,7 @@
 """ModelConfig: one frozen description of a transformer's shape and dtypes.
 
 Fields use readable names; the formula letters used in the cost model (D, L, N, K, H, F, V)
-are read-only aliases so planner code can read like the equations in THEORY.md.
+are read-only aliases so planner code can read like the equations in docs/planner.md.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ class ModelConfig:
                 raise ValueError(f"ModelConfig.{f} must be True or False, got {getattr(self, f)!r}")
         object.__setattr__(self, "rope_scaling", normalise_rope_scaling(self.rope_scaling))
 
-    # Formula-letter aliases (THEORY.md notation).
+    # Formula-letter aliases (docs/planner.md notation).
     D = property(lambda self: self.d_model)
     L = property(lambda self: self.n_layers)
     N = property(lambda self: self.n_heads)

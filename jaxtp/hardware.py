@@ -31,7 +31,7 @@ class Hardware:
     link_bytes_per_s: float
     node_size: int
     dcn_bytes_per_s: float
-    latency_s: float = 1e-6  # per ring hop inside the fast domain (THEORY B2: T_min ~ 1 us)
+    latency_s: float = 1e-6  # per ring hop inside the fast domain (docs/planner.md section 2: ~1 us)
     dcn_latency_s: float = 1e-5  # per hop across domains: an assumption, not a quoted figure
     native_bf16: bool = True  # False: XLA:CPU upcasts bf16 matmuls, so activation collectives move f32
     # False: the backend's XLA pipeline does not rewrite all-reduce + dynamic-slice into reduce-scatter
@@ -47,10 +47,10 @@ HARDWARE: dict[str, Hardware | None] = {
     "a100": Hardware("a100", 312e12, 2.039e12, 80 * GiB, 300e9, 8, 25e9,
                      source="NVIDIA A100 datasheet; DGX A100 user guide"),
     # NVIDIA H100 SXM5 datasheet: 989 TFLOP/s dense BF16 (1,979 with sparsity), HBM3 3.35 TB/s, 80 GB,
-    # NVLink4 900 GB/s total (450 GB/s per direction; THEORY B3 uses W = 450 GB/s); DGX H100: one
+    # NVLink4 900 GB/s total (450 GB/s per direction: the W of docs/planner.md section 3); DGX H100: one
     # 400 Gb/s ConnectX-7 per GPU (50 GB/s).
     "h100": Hardware("h100", 989e12, 3.35e12, 80 * GiB, 450e9, 8, 50e9,
-                     source="NVIDIA H100 datasheet; DGX H100 user guide; THEORY.md B3"),
+                     source="NVIDIA H100 datasheet; DGX H100 user guide"),
     # NVIDIA H200 SXM datasheet: same Hopper compute (989 TFLOP/s BF16 dense) and NVLink (900 GB/s),
     # 141 GB HBM3e at 4.8 TB/s; 400 Gb/s NIC per GPU in HGX H200 systems.
     "h200": Hardware("h200", 989e12, 4.8e12, 141e9, 450e9, 8, 50e9,
@@ -61,10 +61,10 @@ HARDWARE: dict[str, Hardware | None] = {
     "tpu-v5e": Hardware("tpu-v5e", 197e12, 819e9, 16e9, 9e10, 256, 3.125e9,
                         source="cloud.google.com/tpu/docs/v5e; jax-ml scaling book"),
     # Cloud TPU v5p docs: 459 TFLOP/s BF16, 95 GiB HBM at 2,765 GB/s, 8,960-chip pod (3D torus), ICI
-    # 1,200 GB/s bidirectional per chip, DCN 50 Gb/s per chip. Scaling book / THEORY B3: W = 1.8e11 B/s
+    # 1,200 GB/s bidirectional per chip, DCN 50 Gb/s per chip. jax-ml scaling book: W = 1.8e11 B/s
     # bidirectional along one axis (alpha = C/W ~ 2550).
     "tpu-v5p": Hardware("tpu-v5p", 459e12, 2.765e12, 95 * GiB, 1.8e11, 8960, 6.25e9,
-                        source="cloud.google.com/tpu/docs/v5p-training; THEORY.md B3"),
+                        source="cloud.google.com/tpu/docs/v5p-training; jax-ml scaling book"),
     # Measured at run time (jaxtp.hardware.measure_cpu): f32 matmul FLOP/s and copy bandwidth of this host;
     # fake devices exchange collectives through host memory, so the link rate is the copy rate too.
     "cpu": None,

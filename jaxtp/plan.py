@@ -324,7 +324,7 @@ def _summary(items: list[dict]) -> dict:
 
 
 def _coll_time(it: dict, hw: Hardware, intra: bool) -> float:
-    """Ring model (THEORY B2): all-reduce sends 2*V*(g-1)/g per device, all-gather/reduce-scatter half."""
+    """Ring model (docs/planner.md section 2): all-reduce sends 2*V*(g-1)/g per device, all-gather/reduce-scatter half."""
     g = it["group"]
     if g < 2 or it["bytes"] == 0:
         return 0.0
@@ -340,7 +340,7 @@ def _coll_time(it: dict, hw: Hardware, intra: bool) -> float:
 
 def _activation_bytes_per_token_layer(cfg, d, c: int) -> int:
     """Bytes per token per layer that the backward keeps from the forward, as XLA:CPU keeps them for this
-    model (read off the buffer assignment of the compiled train step; THEORY B5 asks for the tensors
+    model (read off the buffer assignment of the compiled train step; docs/planner.md section 5 asks for the tensors
     actually saved rather than Korthikanti's 34 s*b*h):
       2 RMSNorms: normalised x in f32 and its scaled output      2*D*(4 + c)
       residual stream after attention and after the MLP          2*D*c
@@ -653,7 +653,7 @@ def _times(d, memory, flops, items, hw: Hardware, decode: bool):
     serial = all three in sequence; overlapped = the largest alone (perfect overlap).
     predicted (training) = matmuls at peak with their weight reads hidden inside them, plus the
     memory-bound element-wise and optimizer kernels, plus the model-axis collectives (Megatron's
-    all-reduces sit on the critical path; THEORY B3 says plan for little overlap), plus whatever of the
+    all-reduces sit on the critical path; docs/planner.md section 3 plans for little overlap), plus whatever of the
     data-axis gradient all-reduce does not hide behind the backward pass (2/3 of the compute).
     predicted (decode) = max(compute, memory) + collectives."""
     t_compute = flops["per_device"] / hw.flops_per_s
@@ -686,9 +686,9 @@ def _times(d, memory, flops, items, hw: Hardware, decode: bool):
 
 def _ratio(cfg, d, memory, items, hw: Hardware, decode, times, collectives, warnings):
     """R = T_math / T_comm of one layer: its TP-sharded matmuls against its model-axis collectives.
-    Training uses THEORY B3's ratio with this step's own collectives (7 activation buffers per layer as
+    Training uses docs/planner.md section 3's ratio with this step's own collectives (7 activation buffers per layer as
     XLA emits them, where Megatron's formula assumes 4; that formula is reported alongside). Decode: a
-    layer's work is loading its weights and KV cache from HBM (THEORY B6), so R compares that time."""
+    layer's work is loading its weights and KV cache from HBM (docs/planner.md section 6), so R compares that time."""
     times["comm_bound_ratio_megatron"] = None
     if d["n"] < 2:
         return None
@@ -775,7 +775,7 @@ def format_plan(p: Plan) -> str:
         mega = t["comm_bound_ratio_megatron"]
         lines.append(f"  TP ratio R = T_{'work' if p.setting['decode'] else 'math'}/T_comm = {p.comm_bound_ratio:.2f} "
                      f"({'COMMUNICATION-BOUND' if p.comm_bound else 'not communication-bound'})"
-                     + (f"; Megatron forward formula (THEORY B3) {mega:.2f}" if mega is not None else ""))
+                     + (f"; Megatron forward formula (docs/planner.md section 3) {mega:.2f}" if mega is not None else ""))
     if p.warnings:
         lines += ["", "warnings"] + [f"  - {w}" for w in p.warnings]
     return "\n".join(lines)

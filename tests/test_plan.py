@@ -151,7 +151,7 @@ def test_kv_heads_replicated_warning(tiny):
 
 
 def test_comm_bound_ratio_and_warning():
-    """THEORY B3's worked example: Llama-3-70B shape on H100 at TP=8 gives R ~ 1.7 by Megatron's formula;
+    """docs/planner.md's worked example (section 3): Llama-3-70B shape on H100 at TP=8 gives R ~ 1.7 by Megatron's formula;
     7B (F=11008, MHA) at TP=8 is communication-bound, and across nodes (TP=16 over InfiniBand) hopeless."""
     p70 = jaxtp.plan("70b", "1x8", batch_size=8, seq_len=4096, hardware="h100")
     assert p70.time["comm_bound_ratio_megatron"] == pytest.approx(11.88 / 7, rel=0.01)
