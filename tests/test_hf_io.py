@@ -203,14 +203,40 @@ def test_new_weights_cast_and_checkpoint(checkpoints, mesh, kind, tmp_path):
 
 @pytest.mark.parametrize("mesh_spec", ["2x4", "1x8"])
 def test_each_element_is_read_once(checkpoints, mesh_spec, monkeypatch):
-    """Shards are read by slice, replicas (the data axis) share a read: the bytes read equal the file's tensor
-    bytes whatever the mesh. (Only addressable devices are read for, so each process of a multi-process run
-    reads its own devices' slices.)"""
-    load_module = __import__("importlib").import_module("jaxtp.hf.load")
-    read, get = [], load_module._Reader.get
-    monkeypatch.setattr(load_module._Reader, "get", lambda self, name, idx: read.append(get(self, name, idx)) or read[-1])
+    """Shards are read by rows, a column-split tensor's rows once for all its devices, and replicas (the data
+    axis) share a read: the bytes read from the files equal the file's tensor bytes whatever the mesh. (Only
+    addressable devices are read for, so each process of a multi-process run reads its own devices' slices.)"""
+    from jaxtp.hf.files import RowReader
+    read, read_into = [], RowReader._read_into
+    monkeypatch.setattr(RowReader, "_read_into", lambda self, info, offset, view: read.append(len(view)) or
+                        read_into(self, info, offset, view))
     jaxtp.hf.load(checkpoints["llama"], jaxtp.make_mesh(mesh_spec))
     with safe_open(str(checkpoints["llama"] / "model.safetensors"), framework="numpy") as f:
         file_bytes = sum(f.get_slice(k).get_shape()[0] * int(np.prod(f.get_slice(k).get_shape()[1:])) * 4
                          for k in f.keys())
-    assert sum(a.nbytes for a in read) == file_bytes
+    assert sum(read) == file_bytes
+
+
+def test_replicas_never_share_memory(checkpoints, mesh):
+    """On CPU a device adopts its shard's host buffer without a copy; replicas (the data axis of 2x4) must
+    still get buffers of their own, since a donated buffer is written in place."""
+    model = jaxtp.hf.load(checkpoints["llama"], mesh)
+    for leaf in jax.tree.leaves(nnx.state(model)):
+        pointers = [s.data.unsafe_buffer_pointer() for s in leaf.addressable_shards]
+        assert len(set(pointers)) == len(pointers)
+
+
+def test_tensor_bytes_that_do_not_fit_its_shape_are_refused(checkpoints, mesh, tmp_path):
+    directory = broken_copy(checkpoints["llama"], tmp_path / "ckpt")
+    file = directory / "model.safetensors"
+    raw = file.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + n])
+    name = "model.norm.weight"
+    header[name]["shape"] = [header[name]["shape"][0] - 1]  # one element short of its bytes
+    text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    assert len(text) == n
+    file.write_bytes(raw[:8] + text + raw[8 + n:])
+    with pytest.raises(CheckpointError, match="is corrupt: tensor 'model.norm.weight'") as e:
+        jaxtp.hf.load(directory, mesh)
+    assert "\n" not in str(e.value)
