@@ -12,6 +12,11 @@ from typing import Any
 import jax.numpy as jnp
 
 REMAT_CHOICES = ("none", "full", "dots")  # what each keeps: jaxtp.model.REMAT_POLICIES
+ATTENTION_CHOICES = ("auto", "xla", "blockwise", "cudnn")  # jaxtp.attention: what each runs, and auto's rule
+# Blockwise attention's query and key block. Measured on XLA:CPU (train step of the `small` preset, S = 64
+# to 2048): blocks of 64 and 128 ran alike, 256 and 512 slower (the smaller score blocks stay in cache and
+# the causal skip cuts closer to the diagonal); each block pair's f32 scores are [B, K, G, 128, 128].
+DEFAULT_ATTENTION_BLOCK = 128
 DTYPES = {"float32": jnp.float32, "f32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
 
 
@@ -54,9 +59,12 @@ class ModelConfig:
     # RoPE frequency rescaling as sorted (key, value) pairs, e.g. (("factor", 8.0), ..., ("rope_type", "llama3"));
     # a dict is accepted and normalised (a frozen config must hash: it is part of the model's static graph).
     rope_scaling: tuple | None = None
+    attention: str = "auto"  # auto | xla | blockwise | cudnn (jaxtp.attention)
+    attention_block: int = DEFAULT_ATTENTION_BLOCK  # blockwise's query/key block size
 
     def __post_init__(self):
-        for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len"):
+        for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len",
+                  "attention_block"):
             v = getattr(self, f)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"ModelConfig.{f} must be a positive integer, got {v!r}")
@@ -74,6 +82,9 @@ class ModelConfig:
         to_dtype(self.compute_dtype)
         if self.remat not in REMAT_CHOICES:
             raise ValueError(f"ModelConfig.remat must be one of {', '.join(REMAT_CHOICES)}; got {self.remat!r}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"ModelConfig.attention must be one of {', '.join(ATTENTION_CHOICES)}; "
+                             f"got {self.attention!r}")
         for f in ("scan_layers", "tie_embeddings", "qkv_bias", "qk_norm"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"ModelConfig.{f} must be True or False, got {getattr(self, f)!r}")

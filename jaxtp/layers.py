@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from .attention import attend
 from .config import ModelConfig, to_dtype
 from .sharding import Layout, constrain, gathered, layer_layout, placing
 
@@ -165,29 +166,6 @@ def rope(x_BSnH, positions_BS, theta: float, scaling: tuple | None = None):
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BSnH.dtype)
 
 
-def attend(q_BSNH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_valid_BT=None, causal: bool = True, mask_BST=None):
-    """Grouped-query attention. Causal by position: key t is visible to query s iff pos_t <= pos_s; with
-    causal=False every key is (an encoder). `k_valid_BT` drops padded keys; `mask_BST` (True = may attend,
-    broadcastable to [B, S, T]) is any further mask.
-
-    Each kv head is repeated for its G = N/K query heads, so every head-indexed tensor splits over the
-    heads axis the same way (no resharding when kv heads are replicated); the softmax runs in f32.
-    """
-    B, S, N, H = q_BSNH.shape
-    G = N // k_BTKH.shape[2]
-    k_BTNH, v_BTNH = jnp.repeat(k_BTKH, G, axis=2), jnp.repeat(v_BTKH, G, axis=2)
-    scores_BNST = jnp.einsum("bsnh,btnh->bnst", q_BSNH, k_BTNH).astype(jnp.float32) / math.sqrt(H)
-    visible_BST = k_pos_BT[:, None, :] <= q_pos_BS[:, :, None] if causal else \
-        jnp.ones((B, S, k_BTKH.shape[1]), bool)
-    if mask_BST is not None:
-        visible_BST = visible_BST & jnp.broadcast_to(mask_BST, visible_BST.shape)
-    if k_valid_BT is not None:
-        visible_BST = visible_BST & k_valid_BT[:, None, :]
-    scores_BNST = jnp.where(visible_BST[:, None], scores_BNST, -1e30)
-    probs_BNST = jax.nn.softmax(scores_BNST, axis=-1).astype(v_BTNH.dtype)
-    return jnp.einsum("bnst,btnh->bsnh", probs_BNST, v_BTNH)
-
-
 def layer_config(cfg: ModelConfig | None, dims: dict) -> ModelConfig:
     """A layer's sizes: a ModelConfig, or just the dimensions it uses as keywords (d_model=64, n_heads=8,
     ...; ModelConfig's defaults fill the rest), or a ModelConfig with some of them replaced."""
@@ -210,7 +188,7 @@ def default_positions(x_BS_):
 
 class Attention(nnx.Module):
     """GQA attention: q/k/v column-parallel over heads, output projection row-parallel. causal=False makes
-    it bidirectional (an encoder's)."""
+    it bidirectional (an encoder's). cfg.attention picks the implementation (jaxtp.attention.attend)."""
 
     def __init__(self, cfg: ModelConfig | None = None, layout: Layout | None = None, rngs: nnx.Rngs | None = None, *,
                  causal: bool = True, **dims):
@@ -219,6 +197,7 @@ class Attention(nnx.Module):
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
         self.layout, self.theta, self.rope_scaling = layer_layout(layout, cfg), cfg.rope_theta, cfg.rope_scaling
         self.causal = causal
+        self.attention, self.attention_block = cfg.attention, cfg.attention_block
         linear = functools.partial(Linear, cfg=cfg, rngs=rngs, layout=self.layout)
         self.q = linear("bsd,dnh->bsnh", (D, N, H), ("embed", "heads", "head_dim"), std=std, bias=cfg.qkv_bias)
         self.k = linear("bsd,dkh->bskh", (D, K, H), ("embed", "kv_heads", "head_dim"), std=std, bias=cfg.qkv_bias)
@@ -304,7 +283,10 @@ class Attention(nnx.Module):
             k_pos_BT = positions_BS
         else:
             q_BSNH = self.project_q(x_BSD, positions_BS)
-        out_BSNH = attend(q_BSNH, kv[0], kv[1], positions_BS, k_pos_BT, k_valid_BT, self.causal, mask_BST)
+        # cuDNN wants q, k and v split alike: not so when kv heads fewer than q's are replicated beside them.
+        cudnn_ok = not (self.kv_replicated() and kv[0].shape[2] < q_BSNH.shape[2])
+        out_BSNH = attend(q_BSNH, kv[0], kv[1], positions_BS, k_pos_BT, k_valid_BT, self.causal, mask_BST,
+                          implementation=self.attention, block=self.attention_block, cudnn_ok=cudnn_ok)
         out_BSNH = constrain(out_BSNH, HEADS, self.layout)
         return constrain(self.o(out_BSNH), RESIDUAL, self.layout)
 
