@@ -5,7 +5,8 @@
 Loads the checkpoint straight into its shards (jaxtp.hf.load), tokenises the prompt with the checkpoint's
 tokenizer (--chat: through its chat template, then encoded without adding special tokens again, as
 transformers' apply_chat_template(tokenize=True) does), streams the decoded text token by token, stops at
-the first eos token, and prints prefill and decode tokens/s and the KV cache's bytes per device. The
+the first eos token, and prints prefill and decode tokens/s and the KV cache's bytes per device
+(--kv-cache-dtype int8: int8 K and V with a bf16 scale per token and kv head). The
 compiled prefill and decode step are warmed up first (same shapes), so the speeds exclude compilation.
 Fakes CPU devices as run.py does. Bad input prints one line on stderr and exits with status 2.
 """
@@ -47,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default off)")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "f32", "bf16", "int8"],
+                   help="KV cache storage: auto keeps the compute dtype; int8 stores int8 values plus a bf16 scale "
+                        "per token and kv head (default auto)")
     p.add_argument("--max-seq-len", type=int, default=None,
                    help="context to load the model with (default config.json's max_position_embeddings)")
     return p.parse_args(argv)
@@ -66,6 +70,11 @@ def prompt_ids(tok, prompt: str, chat: bool) -> list[int]:
         return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                        tokenize=True)
     return tok.encode(prompt)
+
+
+def kv_cache_dtype(args) -> str | None:
+    """jaxtp.generate's kv_cache_dtype for the flag: None (the compute dtype) for auto."""
+    return None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype
 
 
 def run(args) -> int:
@@ -107,8 +116,9 @@ def run(args) -> int:
     if stats["decode_tokens"]:
         print(f"decode: {stats['decode_tokens']} tokens in {stats['decode_s']:.3f} s = "
               f"{stats['decode_tokens'] / stats['decode_s']:,.1f} tokens/s (streamed: each token waits for the host)")
-    print(f"KV cache: {fmt_bytes(cache_bytes_per_device(model, batch, cache_len))} per device "
-          f"({batch} x {cache_len} positions, {cfg.n_layers} layers, K and V); {len(tokens)} tokens generated")
+    kv_bytes = cache_bytes_per_device(model, batch, cache_len, kv_cache_dtype(args))
+    print(f"KV cache: {fmt_bytes(kv_bytes)} per device ({batch} x {cache_len} positions, {cfg.n_layers} layers, "
+          f"K and V, {args.kv_cache_dtype}); {len(tokens)} tokens generated")
     return 0
 
 
@@ -132,7 +142,8 @@ def sample(model, tok, ids, max_new_tokens, args, cache_len, write) -> tuple[lis
 
     stats = {}
     jaxtp.generate(model, np.asarray([ids], np.int32), max_new_tokens, args.temperature, args.top_k, args.top_p,
-                   args.seed, eos_id=tok.eos_token_ids, cache_len=cache_len, stats=stats, on_token=on_token)
+                   args.seed, eos_id=tok.eos_token_ids, cache_len=cache_len, kv_cache_dtype=kv_cache_dtype(args),
+                   stats=stats, on_token=on_token)
     write(tok.decode(tokens, skip_special_tokens=True)[len(shown):])
     return tokens, stats
 

@@ -10,7 +10,9 @@ Conventions (where the design left a choice):
   decode step, so the cache update is one ``lax.dynamic_update_slice`` along the unsharded seq axis.
 * **Cache**: per layer a K and a V array ``[B, T, K, H]`` with logical axes
   ``("batch", "seq", "kv_heads", "head_dim")``, placed by the model's ``layout`` (batch over
-  ``data``, kv heads over ``model``, or replicated when the rules resolve kv heads to None).
+  ``data``, kv heads over ``model``, or replicated when the rules resolve kv heads to None), in the compute
+  dtype or ``kv_cache_dtype``; an int8 cache keeps each K and V as int8 values plus bf16 scales ``[B, T, K]``
+  placed alike (``jaxtp.kv_cache``).
   ``T = S + max_new_tokens`` (or ``cache_len``); slot t of row b holds position ``t - offset_b``.
   A scanned model (``ModelConfig.scan_layers``) keeps one stacked K and one V ``[L, B, T, K, H]``
   (``"layers"`` first, kept whole) and runs prefill and decode as one ``lax.scan`` over its layers, the
@@ -18,8 +20,9 @@ Conventions (where the design left a choice):
   (Indexing layer i of the stacked weights from a Python loop would work too, but re-unrolls the graph the
   scan exists to keep small.)
 * **Prefill** runs the whole prompt in one pass and writes slots ``0..S-1``; the **decode step**
-  writes slot ``S + i - 1``, attends over the cache (unwritten slots are in the future, so causal
-  masking by position hides them), and samples. Its shapes depend only on ``(B, T)``, so it compiles
+  writes slot ``S + i - 1``, attends over the filled slots only, in blocks of ``kv_block`` keys up to the
+  block holding ``S + i - 1`` (``kv_cache.decode_attention``: a step costs what its position costs, not
+  what ``T`` does), and samples. Its shapes depend only on ``(B, T)``, so it compiles
   once per generation (and is reused by later calls with the same shapes); the cache is donated to
   it, so it is updated in place.
 * **Sampling** (per step, seeded: step i uses ``fold_in(key(seed), i)``): logits / temperature, then
@@ -49,10 +52,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from . import kv_cache, layers
+from .kv_cache import CACHE_AXES, DECODE_BLOCK
 from .model import LAYERS, layer, scan_blocks
 from .sharding import constrain
 
-CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
 STACKED_CACHE_AXES = (LAYERS,) + CACHE_AXES  # a scanned model's caches: one [L, B, T, K, H] array each
 RESIDUAL = ("batch", "seq", "act_embed")  # the residual stream, its positions whole (decode: 1)
 TOKENS = ("batch", "seq")
@@ -134,21 +138,17 @@ def check_sampling(temperature, top_k, top_p):
 
 # ------------------------------------------------------------------------------------ cached forward
 
-def _blocks_forward(model, x_BSD, positions_BS, caches, write_kv):
-    """Walk the blocks as Block.__call__ does, but attend over K/V that `write_kv` puts in the cache.
-
-    `write_kv(i, caches, k_new, v_new) -> ((k, v) to attend over, k_valid_BT, k_pos_BT, caches, y)`; the
-    caches ride in the scan carry (updated in place under donation) and the y's are stacked like scan
-    outputs (prefill builds its caches that way). Returns (final hidden, caches, ys)."""
+def _blocks_forward(model, x_BSD, caches, attend):
+    """Walk the blocks as Block.__call__ does, with `attend(i, attn, h_BSD, caches) -> (out_BSD, caches, y)`
+    in place of self-attention: it reads and writes the caches. The caches ride in the scan carry (updated
+    in place under donation) and the y's are stacked like scan outputs (prefill builds its caches that way).
+    Returns (final hidden, caches, ys)."""
     layout = model.layout
 
     def step(block, carry, i):
         x_BSD, caches = carry
-        h_BSD = block.attn_norm(x_BSD)
-        k_new, v_new = block.attn.project_kv(h_BSD, positions_BS)
-        kv, k_valid_BT, k_pos_BT, caches, y = write_kv(i, caches, k_new, v_new)
-        x_BSD = x_BSD + block.attn(h_BSD, positions_BS, kv=kv, k_pos_BT=k_pos_BT, k_valid_BT=k_valid_BT)
-        x_BSD = constrain(x_BSD, RESIDUAL, layout)
+        out_BSD, caches, y = attend(i, block.attn, block.attn_norm(x_BSD), caches)
+        x_BSD = constrain(x_BSD + out_BSD, RESIDUAL, layout)
         x_BSD = x_BSD + block.mlp(block.mlp_norm(x_BSD))
         return (constrain(x_BSD, RESIDUAL, layout), caches), y
 
@@ -162,71 +162,81 @@ def _key_positions(offset_B, T: int):
     return slot_T[None, :] - offset_B[:, None], slot_T[None, :] >= offset_B[:, None]
 
 
-def _prefill(graphdef, state, tokens_BS, offset_B, cache_len: int):
+def _prefill(graphdef, state, tokens_BS, offset_B, cache_len: int, cache_dtype=None):
     """Run the (left-aligned) prompt once; return the caches and the last logits [B, V].
 
-    Caches: per layer a (k, v) pair of [B, T, K, H] arrays, or for a scanned model one stacked pair
-    [L, B, T, K, H] (the scan's outputs)."""
+    Caches: per layer a (k, v) pair of [B, T, K, H] entries, or for a scanned model one stacked pair
+    [L, B, T, K, H] (the scan's outputs); an entry is an array of `cache_dtype` (None: the compute dtype)
+    or, for int8, a kv_cache.Int8KV of values and scales."""
     TRACES["prefill"] += 1
     model = nnx.merge(graphdef, state)
-    B, S = tokens_BS.shape
-    positions_BS, valid_BS = _key_positions(offset_B, S)
+    positions_BS, valid_BS = _key_positions(offset_B, tokens_BS.shape[1])
 
-    def write_kv(i, caches, k_BSKH, v_BSKH):
-        def put(new):
-            empty = jnp.zeros((B, cache_len) + new.shape[2:], new.dtype)
-            return constrain(jax.lax.dynamic_update_slice(empty, new, (0, 0, 0, 0)), CACHE_AXES, model.layout)
+    def attend(i, attn, h_BSD, caches):
+        k_BSKH, v_BSKH = attn.project_kv(h_BSD, positions_BS)
         # Within the prompt, attend over the fresh keys only (S, not T): the same numbers, less work.
-        return (k_BSKH, v_BSKH), valid_BS, positions_BS, caches, (put(k_BSKH), put(v_BSKH))
+        out_BSD = attn(h_BSD, positions_BS, kv=(k_BSKH, v_BSKH), k_pos_BT=positions_BS, k_valid_BT=valid_BS)
+        dtype = k_BSKH.dtype if cache_dtype is None else cache_dtype
+        put = lambda x_BSKH: kv_cache.allocate(x_BSKH, cache_len, dtype, CACHE_AXES, model.layout)
+        return out_BSD, caches, (put(k_BSKH), put(v_BSKH))
 
-    x_BSD, _, caches = _blocks_forward(model, model.embed(tokens_BS), positions_BS, None, write_kv)
+    x_BSD, _, caches = _blocks_forward(model, model.embed(tokens_BS), None, attend)
     if model.cfg.scan_layers:
-        caches = tuple(constrain(c_LBTKH, STACKED_CACHE_AXES, model.layout) for c_LBTKH in caches)
+        caches = tuple(kv_cache.constrain_entry(c, STACKED_CACHE_AXES, model.layout) for c in caches)
     return caches, constrain(model.logits(x_BSD[:, -1:])[:, 0], LOGITS_BV, model.layout)
-
-
-def _cache_len(caches) -> int:
-    return caches[0][0].shape[1] if isinstance(caches, list) else caches[0].shape[2]
 
 
 def _write_slot(caches, i, new_kv, slot, layout):
     """Write one position of layer i's K and V at `slot` (the same in every row: a slice update on an
-    unsharded axis); return the caches and layer i's (k, v). A scanned model's stacked caches are updated
-    at [i, :, slot] (i traced), so only the new position is written, in place."""
+    unsharded axis); return the caches, layer i's (k, v) entries and the index that reads layer i in them.
+    A scanned model's stacked caches are updated at [i, :, slot] (i traced) and read in place at (i,), so
+    only the new position is written and no layer's cache is copied out."""
     if isinstance(caches, list):
-        kv = tuple(constrain(jax.lax.dynamic_update_slice(c_BTKH, new_B1KH.astype(c_BTKH.dtype), (0, slot, 0, 0)),
-                             CACHE_AXES, layout) for c_BTKH, new_B1KH in zip(caches[i], new_kv))
-        return caches[:i] + [kv] + caches[i + 1:], kv
-    caches = tuple(constrain(jax.lax.dynamic_update_slice(c_LBTKH, new_B1KH[None].astype(c_LBTKH.dtype),
-                                                          (i, 0, slot, 0, 0)), STACKED_CACHE_AXES, layout)
-                   for c_LBTKH, new_B1KH in zip(caches, new_kv))
-    return caches, tuple(constrain(c_LBTKH[i], CACHE_AXES, layout) for c_LBTKH in caches)
+        kv = tuple(kv_cache.constrain_entry(kv_cache.write(c, new_B1KH, (), slot), CACHE_AXES, layout)
+                   for c, new_B1KH in zip(caches[i], new_kv))
+        return caches[:i] + [kv] + caches[i + 1:], kv, ()
+    caches = tuple(kv_cache.constrain_entry(kv_cache.write(c, new_B1KH, (i,), slot), STACKED_CACHE_AXES, layout)
+                   for c, new_B1KH in zip(caches, new_kv))
+    return caches, caches, (i,)
 
 
-def _decode(model, caches, tokens_B, slot, offset_B):
-    """One token per row, all written at cache slot `slot` (row b's position slot - offset_b); return logits."""
-    k_pos_BT, k_valid_BT = _key_positions(offset_B, _cache_len(caches))
+def _decode_attention(attn, h_B1D, positions_B1, kv, lead, slot, offset_B, block: int):
+    """Attention.__call__ for one new position over the cache's filled prefix (kv_cache.decode_attention in
+    place of attend, the same constraints): returns ([B, 1, D], key blocks read)."""
+    h_B1D = constrain(h_B1D, layers.BLOCK_IN, attn.layout)
+    q_B1NH = attn.project_q(h_B1D, positions_B1)
+    out_B1NH, n_read = kv_cache.decode_attention(q_B1NH, *kv, slot, offset_B, lead, block)
+    out_B1NH = constrain(out_B1NH, layers.HEADS, attn.layout)
+    return constrain(attn.o(out_B1NH), layers.RESIDUAL, attn.layout), n_read
+
+
+def _decode(model, caches, tokens_B, slot, offset_B, block: int = DECODE_BLOCK):
+    """One token per row, all written at cache slot `slot` (row b's position slot - offset_b); return the
+    caches, the logits and how many key blocks the layers read."""
     positions_B1 = (slot - offset_B)[:, None]
 
-    def write_kv(i, caches, k_B1KH, v_B1KH):
-        caches, kv = _write_slot(caches, i, (k_B1KH, v_B1KH), slot, model.layout)
-        return kv, k_valid_BT, k_pos_BT, caches, None
+    def attend(i, attn, h_B1D, caches):
+        caches, kv, lead = _write_slot(caches, i, attn.project_kv(h_B1D, positions_B1), slot, model.layout)
+        out_B1D, n_read = _decode_attention(attn, h_B1D, positions_B1, kv, lead, slot, offset_B, block)
+        return out_B1D, caches, n_read
 
-    x_BSD, caches, _ = _blocks_forward(model, model.embed(tokens_B[:, None]), positions_B1, caches, write_kv)
-    return caches, constrain(model.logits(x_BSD)[:, 0], LOGITS_BV, model.layout)
+    x_BSD, caches, n_read = _blocks_forward(model, model.embed(tokens_B[:, None]), caches, attend)
+    n_read = sum(n_read) if isinstance(n_read, list) else jnp.sum(n_read)
+    return caches, constrain(model.logits(x_BSD)[:, 0], LOGITS_BV, model.layout), n_read
 
 
 def _decode_step(graphdef, mode, state, caches, tokens_B, slot, offset_B, done_B, key, step, temperature, top_k,
-                 top_p, eos_id):
-    """Feed `tokens_B` at cache slot `slot`; sample the next token; rows already done emit eos_id."""
+                 top_p, eos_id, block: int = DECODE_BLOCK):
+    """Feed `tokens_B` at cache slot `slot`; sample the next token; rows already done emit eos_id. Also
+    returns the logits and the key blocks the step's attention read (all layers)."""
     TRACES["decode_step"] += 1
     model = nnx.merge(graphdef, state)
-    caches, logits_BV = _decode(model, caches, tokens_B, slot, offset_B)
+    caches, logits_BV, n_read = _decode(model, caches, tokens_B, slot, offset_B, block)
     key = jax.random.fold_in(key, step)
     next_B = _sample(_rows_whole(logits_BV, model.layout, mode), key, temperature, top_k, top_p, mode)
     next_B = jnp.where(done_B, eos_id[0], next_B)
     done_B = done_B | _is_eos(next_B, eos_id)
-    return caches, _rows(next_B, model.layout), _rows(done_B, model.layout), logits_BV
+    return caches, _rows(next_B, model.layout), _rows(done_B, model.layout), logits_BV, n_read
 
 
 def _rows(x_B, layout):
@@ -251,8 +261,9 @@ def _is_eos(tokens_B, eos_E):
     return jnp.any((tokens_B[:, None] == eos_E[None, :]) & (eos_E[None, :] >= 0), axis=-1)
 
 
-_prefill_jit = jax.jit(_prefill, static_argnums=(0, 4))
-_decode_step_jit = jax.jit(_decode_step, static_argnums=(0, 1), donate_argnums=(3,))  # donates the cache
+_prefill_jit = jax.jit(_prefill, static_argnums=(0, 4), static_argnames=("cache_dtype",))
+_decode_step_jit = jax.jit(_decode_step, static_argnums=(0, 1), static_argnames=("block",),
+                           donate_argnums=(3,))  # donates the cache
 _first_token_jit = jax.jit(_first_token, static_argnums=(6, 7))
 
 
@@ -330,9 +341,17 @@ def _prepare(model, prompt_tokens_BS, max_new_tokens, temperature, top_k, top_p,
     return aligned, offsets.astype(np.int32), int(lengths.sum()), B, T, eos_ids
 
 
+def _cache_settings(model, kv_cache_dtype, kv_block):
+    """The cache's storage dtype and the decode loop's block size, checked on the host."""
+    if isinstance(kv_block, bool) or not isinstance(kv_block, numbers.Integral) or kv_block < 1:
+        raise ValueError(f"kv_block must be an integer >= 1, got {kv_block!r}")
+    return kv_cache.storage_dtype(kv_cache_dtype, _kv_dtype(model)), int(kv_block)
+
+
 def generate(model, prompt_tokens_BS, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, seed: int = 0, eos_id: int | Sequence[int] | None = None,
              prompt_lengths: Sequence[int] | None = None, *, cache_len: int | None = None,
+             kv_cache_dtype: str | None = None, kv_block: int = DECODE_BLOCK,
              return_logits: bool = False, stats: dict | None = None, on_token=None):
     """Generate `max_new_tokens` tokens per row after a right-padded prompt batch.
 
@@ -340,12 +359,17 @@ def generate(model, prompt_tokens_BS, max_new_tokens: int, temperature: float = 
     each token was sampled from, [B, max_new_tokens, vocab_size]). See the module docstring for the
     padding, position, EOS and sampling conventions. `cache_len` (default prompt + new tokens, at most
     max_seq_len) fixes the cache length so calls with different lengths share one compiled step.
-    `stats`, if given, receives prefill/decode wall times and token counts (for benchmarks).
+    `kv_cache_dtype`: None keeps K and V in the compute dtype; "bf16"/"f32" cast them; "int8" stores int8
+    values with a bf16 scale per (token, kv head) (jaxtp.kv_cache). `kv_block`: keys per iteration of the
+    decode step's attention loop, which reads only the blocks up to the current position.
+    `stats`, if given, receives prefill/decode wall times, token counts and `kv_blocks_read` (key blocks
+    the decode steps' attention read, summed over steps and layers; for benchmarks).
     `on_token`, if given, is called with each step's tokens (numpy int32 [B]) as soon as they are sampled,
     for streaming; it makes every step wait for its token on the host.
     """
     tokens, offsets, n_prompt, B, T, eos_ids = _prepare(model, prompt_tokens_BS, max_new_tokens, temperature, top_k, top_p,
                                                eos_id, prompt_lengths, cache_len)
+    cache_dtype, block = _cache_settings(model, kv_cache_dtype, kv_block)
     layout = model.layout
     graphdef, state = nnx.split(model)
     mode = _mode(temperature, top_k, top_p)
@@ -355,19 +379,20 @@ def generate(model, prompt_tokens_BS, max_new_tokens: int, temperature: float = 
     tokens_BS, offset_B = _place(tokens, TOKENS, layout), _place(offsets, ROWS, layout)
 
     t0 = time.perf_counter()
-    caches, logits_BV = _prefill_jit(graphdef, state, tokens_BS, offset_B, T)
+    caches, logits_BV = _prefill_jit(graphdef, state, tokens_BS, offset_B, T, cache_dtype=cache_dtype)
     tok_B, done_B = _first_token_jit(logits_BV, key, *sampling, eos, mode, layout)
     if stats is not None:
         tok_B.block_until_ready()
     t1 = time.perf_counter()
     if on_token is not None:
         on_token(_to_host(tok_B)[:B])
-    out, logits, S = [tok_B], [logits_BV], tokens.shape[1]
+    out, logits, blocks_read, S = [tok_B], [logits_BV], [], tokens.shape[1]
     for i in range(1, max_new_tokens):  # step i feeds token i-1 at cache slot S+i-1 and samples token i
-        caches, tok_B, done_B, logits_BV = _decode_step_jit(
+        caches, tok_B, done_B, logits_BV, n_read = _decode_step_jit(
             graphdef, mode, state, caches, tok_B, jnp.int32(S + i - 1), offset_B, done_B, key, jnp.int32(i),
-            *sampling, eos)
+            *sampling, eos, block=block)
         out.append(tok_B)
+        blocks_read.append(n_read)
         if on_token is not None:
             on_token(_to_host(tok_B)[:B])
         if return_logits:
@@ -380,7 +405,8 @@ def generate(model, prompt_tokens_BS, max_new_tokens: int, temperature: float = 
         result = np.pad(result, ((0, 0), (0, max_new_tokens - result.shape[1])), constant_values=eos_ids[0])
     if stats is not None:
         stats.update(prefill_s=t1 - t0, decode_s=t2 - t1, prefill_tokens=n_prompt,
-                     batch=B, decode_steps=len(out) - 1, decode_tokens=B * (len(out) - 1))
+                     batch=B, decode_steps=len(out) - 1, decode_tokens=B * (len(out) - 1),
+                     kv_blocks_read=int(sum(int(n) for n in blocks_read)))
     if not return_logits:
         return result
     all_logits = np.stack([_to_host(t) for t in logits], axis=1)[:B, :, :model.cfg.vocab_size]
@@ -390,6 +416,71 @@ def generate(model, prompt_tokens_BS, max_new_tokens: int, temperature: float = 
     return result, all_logits
 
 
+def forced_logits(model, tokens_BS, prompt_len: int, *, kv_cache_dtype: str | None = None,
+                  kv_block: int = DECODE_BLOCK) -> np.ndarray:
+    """Teacher forcing through the cache: the logits that predict tokens prompt_len..S-1 of each row,
+    [B, S - prompt_len, vocab_size], from a prefill of the first `prompt_len` tokens and then one decode step
+    per token, each fed the true previous token (so the decode path and its cache are what is measured)."""
+    tokens = np.asarray(tokens_BS)
+    if tokens.ndim != 2 or not 1 <= prompt_len < tokens.shape[1]:
+        raise ValueError(f"forced_logits needs [batch, seq] tokens and 1 <= prompt_len < seq; got shape "
+                         f"{tokens.shape}, prompt_len {prompt_len}")
+    if tokens.min() < 0 or tokens.max() >= model.cfg.vocab_size:
+        raise ValueError(f"token ids must lie in [0, {model.cfg.vocab_size}); got values in "
+                         f"[{tokens.min()}, {tokens.max()}]")
+    aligned, offsets, _, B, T, _ = _prepare(model, tokens[:, :prompt_len], tokens.shape[1] - prompt_len, 0.0, None,
+                                            None, None, None, None)
+    cache_dtype, block = _cache_settings(model, kv_cache_dtype, kv_block)
+    forced = np.concatenate([tokens, np.repeat(tokens[:1], len(aligned) - B, 0)]).astype(np.int32)
+    layout, (graphdef, state) = model.layout, nnx.split(model)
+    offset_B, done_B = _place(offsets, ROWS, layout), _place(np.zeros(len(aligned), bool), ROWS, layout)
+    caches, logits_BV = _prefill_jit(graphdef, state, _place(aligned, TOKENS, layout), offset_B, T,
+                                     cache_dtype=cache_dtype)
+    # key, step, temperature, top_k, top_p, eos ids: unused by a greedy step whose sample is discarded
+    fixed = (jax.random.key(0), jnp.int32(0), jnp.float32(1), jnp.int32(0), jnp.float32(1),
+             jnp.asarray([-1], jnp.int32))
+    logits = [logits_BV]
+    for slot in range(prompt_len, tokens.shape[1] - 1):
+        caches, _, _, logits_BV, _ = _decode_step_jit(
+            graphdef, _mode(0, None, None), state, caches, _place(forced[:, slot], ROWS, layout), jnp.int32(slot),
+            offset_B, done_B, *fixed, block=block)
+        logits.append(logits_BV)
+    return np.stack([_to_host(x) for x in logits], axis=1)[:B, :, :model.cfg.vocab_size]
+
+
+def _nll(logits_BNV, targets_BN) -> float:
+    """Mean -log p(target), in float64."""
+    x = logits_BNV.astype(np.float64)
+    m = x.max(axis=-1, keepdims=True)
+    log_z = m[..., 0] + np.log(np.exp(x - m).sum(axis=-1))
+    return float(np.mean(log_z - np.take_along_axis(x, targets_BN[..., None], axis=-1)[..., 0]))
+
+
+def kv_cache_quality(model, tokens_BS, prompt_len: int, new_tokens: int = 64, kv_cache_dtype: str = "int8",
+                     reference: str | None = "bf16", kv_block: int = DECODE_BLOCK) -> dict:
+    """How much a KV cache dtype changes what the model says, against a `reference` cache dtype.
+
+    agreement: greedy generation of `new_tokens` after the first `prompt_len` tokens of each row with either
+    cache, the fraction of positions (all rows) holding the same token; one flipped near-tie makes the rest
+    of its row differ. step_agreement: the same continuations scored step by step instead, each given the
+    reference's history (its greedy tokens teacher-forced through this cache), so a flip costs one step.
+    delta_nll: mean -log p of tokens prompt_len..S-1 teacher-forced through prefill + decode steps
+    (`forced_logits`), this cache minus the reference: nats per token, i.e. per byte for byte models."""
+    tokens = np.asarray(tokens_BS)
+    prompt = tokens[:, :prompt_len]
+    greedy = {d: generate(model, prompt, new_tokens, temperature=0, kv_cache_dtype=d, kv_block=kv_block)
+              for d in (reference, kv_cache_dtype)}
+    followed = forced_logits(model, np.concatenate([prompt, greedy[reference]], axis=1), prompt_len,
+                             kv_cache_dtype=kv_cache_dtype, kv_block=kv_block).argmax(axis=-1)
+    nll = {d: _nll(forced_logits(model, tokens, prompt_len, kv_cache_dtype=d, kv_block=kv_block),
+                   tokens[:, prompt_len:]) for d in (reference, kv_cache_dtype)}
+    return {"agreement": float(np.mean(greedy[reference] == greedy[kv_cache_dtype])),
+            "step_agreement": float(np.mean(followed == greedy[reference])),
+            "delta_nll": nll[kv_cache_dtype] - nll[reference], "nll": nll[kv_cache_dtype],
+            "nll_reference": nll[reference], "greedy_tokens": int(greedy[reference].size),
+            "nll_tokens": int(tokens[:, prompt_len:].size)}
+
+
 # ------------------------------------------------------------------------------- inspection helpers
 
 def _kv_dtype(model):
@@ -397,27 +488,33 @@ def _kv_dtype(model):
     return jax.eval_shape(lambda: layer(model, 0).attn.project_kv(x, jnp.zeros((1, 1), jnp.int32))[0]).dtype
 
 
-def decode_step_lowered(model, batch: int, cache_len: int, temperature: float = 0.0, top_k=None, top_p=None):
-    """The decode step lowered for a [batch, cache_len] cache (for HLO checks: collectives, memory)."""
-    cfg, layout = model.cfg, model.layout
-    graphdef, state = nnx.split(model)
-    sharding = lambda names: None if layout is None else layout.sharding(names)
-    shape, dtype = (batch, cache_len, cfg.n_kv_heads, cfg.head_dim), _kv_dtype(model)
-    if cfg.scan_layers:
-        kv = jax.ShapeDtypeStruct((cfg.n_layers,) + shape, dtype, sharding=sharding(STACKED_CACHE_AXES))
-        caches = (kv, kv)
-    else:
-        caches = [(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding(CACHE_AXES)),) * 2] * cfg.n_layers
-    rows = lambda dtype: jax.ShapeDtypeStruct((batch,), dtype, sharding=sharding(ROWS))
-    args = (state, caches, rows(jnp.int32), jnp.int32(1), rows(jnp.int32), rows(jnp.bool_),
-            jax.random.key(0), jnp.int32(1), jnp.float32(temperature or 1.0), jnp.int32(top_k or 0),
-            jnp.float32(top_p or 1.0), jnp.asarray([-1], jnp.int32))
-    return _decode_step_jit.lower(graphdef, _mode(temperature, top_k, top_p), *args)
+def _sharding(layout):
+    """names -> the layout's NamedSharding for them (None without a layout)."""
+    return lambda names: None if layout is None else layout.sharding(names)
 
 
-def cache_bytes_per_device(model, batch: int, cache_len: int) -> int:
-    """Bytes of K and V cache one device holds (all layers)."""
-    cfg = model.cfg
+def _abstract_caches(model, batch: int, cache_len: int, dtype):
+    """The caches' ShapeDtypeStructs, placed as prefill places them."""
+    cfg, sharding = model.cfg, _sharding(model.layout)
     shape = (batch, cache_len, cfg.n_kv_heads, cfg.head_dim)
-    local = shape if model.layout is None else model.layout.sharding(CACHE_AXES).shard_shape(shape)
-    return 2 * cfg.n_layers * math.prod(local) * jnp.dtype(_kv_dtype(model)).itemsize
+    if cfg.scan_layers:
+        return (kv_cache.abstract((cfg.n_layers,) + shape, dtype, STACKED_CACHE_AXES, sharding),) * 2
+    return [(kv_cache.abstract(shape, dtype, CACHE_AXES, sharding),) * 2] * cfg.n_layers
+
+
+def decode_step_lowered(model, batch: int, cache_len: int, temperature: float = 0.0, top_k=None, top_p=None,
+                        kv_cache_dtype: str | None = None, kv_block: int = DECODE_BLOCK):
+    """The decode step lowered for a [batch, cache_len] cache (for HLO checks: collectives, memory)."""
+    dtype, block = _cache_settings(model, kv_cache_dtype, kv_block)
+    graphdef, state = nnx.split(model)
+    rows = lambda dtype: jax.ShapeDtypeStruct((batch,), dtype, sharding=_sharding(model.layout)(ROWS))
+    args = (state, _abstract_caches(model, batch, cache_len, dtype), rows(jnp.int32), jnp.int32(1), rows(jnp.int32),
+            rows(jnp.bool_), jax.random.key(0), jnp.int32(1), jnp.float32(temperature or 1.0), jnp.int32(top_k or 0),
+            jnp.float32(top_p or 1.0), jnp.asarray([-1], jnp.int32))
+    return _decode_step_jit.lower(graphdef, _mode(temperature, top_k, top_p), *args, block=block)
+
+
+def cache_bytes_per_device(model, batch: int, cache_len: int, kv_cache_dtype: str | None = None) -> int:
+    """Bytes of K and V cache one device holds (all layers; an int8 cache's scales included)."""
+    dtype, _ = _cache_settings(model, kv_cache_dtype, DECODE_BLOCK)
+    return kv_cache.bytes_per_device(_abstract_caches(model, batch, cache_len, dtype))

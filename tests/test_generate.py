@@ -205,6 +205,23 @@ def test_two_model_all_reduces_per_layer_per_decode_step(tiny, models):
     assert c2.count("all-reduce", "data") == 0
 
 
+@pytest.mark.parametrize("spec, kv_cache_dtype, kv_block", [("2x4", "int8", 256), ("2x4", None, 4), ("2x4", "int8", 4),
+                                                            ("1x8", "int8", 4)])
+def test_two_model_all_reduces_per_layer_with_int8_kv_and_the_block_loop(tiny, models, spec, kv_cache_dtype, kv_block):
+    """int8 K/V (quantised at write, dequantised per block) and the decode attention's loop over key blocks
+    (kv_block=4 on 17 slots: a trip count set by the slot) add no collective; 1x8 replicates the kv heads."""
+    mesh = jaxtp.make_mesh(spec)
+    one = jaxtp.Transformer.create(tiny.replace(n_layers=1), mesh)
+    c1, c2 = (jaxtp.hlo.parse_collectives(decode_step_lowered(m, B, S + NEW, kv_cache_dtype=kv_cache_dtype,
+                                                              kv_block=kv_block).compile().as_text(), mesh)
+              for m in (one, models(spec)))
+    per_layer = c2 - c1
+    assert {k: v["count"] for k, v in per_layer.items() if v["count"]} == {"all-reduce@model": 2}, per_layer
+    rows = B // dict(mesh.shape)["data"]
+    assert per_layer["all-reduce@model"]["bytes"] == 2 * rows * tiny.d_model * 4  # [B/data, 1, D] f32 each
+    assert c2.count("all-reduce", "data") == 0
+
+
 # --------------------------------------------------------------------------------------- sampling
 
 def test_top_k_keeps_exactly_the_k_best():
