@@ -37,6 +37,10 @@ train: per model x mesh x precision (f32 master weights; compute in f32 or bf16:
 generation: prefill and decode tokens/s of jaxtp.generate; medians over --repeats runs after one warm-up
 run (which compiles).
 
+attention, kv_cache (not run by default: --sections attention,kv_cache): long-context rows, documented in
+experiments/bench_attention.py - train step xla vs blockwise attention at S = 128 ... 4096, and decode with
+a bf16 vs an int8 KV cache at cache lengths 512 and 4096.
+
 On a machine without an accelerator, N fake CPU devices (default 8) are created before JAX starts so
 that sharded meshes run; with a GPU/TPU, the fake CPU devices are harmless and meshes use the real ones.
 On XLA:CPU an int8 x int8 dot runs at about f32 speed, bf16 matmuls run slower than f32, and weight-only
@@ -71,6 +75,8 @@ from jaxtp.hlo import parse_collectives  # noqa: E402
 from jaxtp.measure import (bytes_per_device, compile_timed, matmul_peak_flops, memory_per_device,  # noqa: E402
                            timed_train_step)
 from plain_reference import PlainTrainer  # noqa: E402
+from bench_attention import (ATTENTION_COLUMNS, KV_CACHE_COLUMNS, bench_attention, bench_kv_cache,  # noqa: E402
+                             summarise_attention, summarise_kv_cache)
 
 # Benchmark-only shapes. `mid` lives here rather than in jaxtp.PRESETS because it exists to size this
 # benchmark (wide enough that matmuls, not per-op overhead, dominate a CPU step); a global preset would
@@ -103,6 +109,12 @@ def parse_args(argv=None):
     p.add_argument("--batch", type=int, help="generation: prompts per batch (default 8)")
     p.add_argument("--prompt-len", type=int, help="generation: prompt tokens per row (default 32; --quick 16)")
     p.add_argument("--new-tokens", type=int, help="generation: generated tokens per row (default 64; --quick 16)")
+    p.add_argument("--attention-model", default="small",
+                   help="attention and kv_cache sections: the preset run at long context (default small)")
+    p.add_argument("--attention-seq-lens", type=lambda v: [int(x) for x in v.split(",")],
+                   help="attention section: comma list of S (default 128,...,4096; --quick up to 1024)")
+    p.add_argument("--kv-cache-lens", type=lambda v: [int(x) for x in v.split(",")],
+                   help="kv_cache section: comma list of cache lengths (default 512,4096)")
     p.add_argument("--no-reference", dest="reference", action="store_false",
                    help="train: skip the plain pure-JAX reference step (experiments/plain_reference.py) that is "
                         "otherwise timed beside every f32 model, on the same meshes and in the same rounds")
@@ -506,7 +518,9 @@ class Section(NamedTuple):
 
 
 SECTIONS = {"train": Section(bench_train, TRAIN_COLUMNS, summarise_train, plot_train),
-            "generation": Section(bench_generation, GENERATION_COLUMNS)}
+            "generation": Section(bench_generation, GENERATION_COLUMNS),
+            "attention": Section(bench_attention, ATTENTION_COLUMNS, summarise_attention),
+            "kv_cache": Section(bench_kv_cache, KV_CACHE_COLUMNS, summarise_kv_cache)}
 
 
 # ------------------------------------------------------------------------------------------ main

@@ -8,13 +8,20 @@
     jaxtp.plan predicts 64 GiB per device, 4 x 2048 110 GiB of the H200's 141 GB, since the attention
     scores are materialised). Trace+lower and XLA compile are timed apart, before the first execution;
     then the median of --steps steps after --warmup warm-up steps, tokens/s, and MFU against the
-    datasheet dense bf16 peak of --hardware (jaxtp.plan.HARDWARE) and, for reference, against a bf16
+    datasheet dense bf16 peak of --hardware (jaxtp.HARDWARE) and, for reference, against a bf16
     matmul peak measured here (--peak-n cubed). XLA's memory analysis is reported beside the plan's.
 (b) decode: greedy generation at batch 1 (--prompt-len prompt + --new-tokens new) with bf16 weights
     (jaxtp.cast of the model from (a)) and int8 weight-only weights (jaxtp.cast of that bf16 model, so
     norms and compute dtype are the same and only the matmul weights differ). One warm-up call each
     (compiles), then --decode-repeats timed calls alternating between the two; median decode tokens/s
     and the int8/bf16 ratio (target >= 1.6).
+(c) long context: the same train step at batch 1 x --long-seq-len (default 8192; --tiny 256) with attention
+    "cudnn", "blockwise" and "xla" (ModelConfig.attention): compile time, XLA's memory analysis and the
+    median of --long-steps steps each. xla materialises every layer's S x S scores and may not fit: that
+    variant then records its error and the others still run.
+(d) KV cache: batch-1 greedy decode of the bf16 model after a --kv-prompt-len prompt (default 4096; --tiny
+    32), with a bf16 and an int8 KV cache (jaxtp.generate(kv_cache_dtype=...)): decode tokens/s (medians of
+    --decode-repeats alternating calls) and KV bytes per device.
 
 A part that fails (out of memory, say) is recorded as its `error` and the other part still runs; the
 JSON is rewritten after each part, and the exit status is 1 if a part failed. Uses only jaxtp's own
@@ -39,6 +46,7 @@ import jax  # noqa: E402  (imported, not initialised: the memory fraction below 
 import jax.numpy as jnp  # noqa: E402
 import jaxtp  # noqa: E402
 from jaxtp import data, measure, train  # noqa: E402
+from jaxtp.generate import cache_bytes_per_device  # noqa: E402
 from jaxtp.measure import matmul_peak_flops, timed_train_step  # noqa: E402
 
 DECODE_TARGET = 1.6  # int8 / bf16 decode tokens/s, at least
@@ -56,8 +64,11 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, help="decode: prompt tokens (default 128; --tiny 16)")
     p.add_argument("--new-tokens", type=int, help="decode: generated tokens (default 256; --tiny 16)")
     p.add_argument("--decode-repeats", type=int, default=3, help="decode: timed calls per precision (default 3)")
-    p.add_argument("--hardware", default="h200", help="datasheet peak for MFU, from jaxtp.plan.HARDWARE (default h200)")
+    p.add_argument("--hardware", default="h200", help="datasheet peak for MFU, from jaxtp.HARDWARE (default h200)")
     p.add_argument("--peak-n", type=int, help="measured bf16 matmul peak: n x n x n (default 8192; --tiny 256)")
+    p.add_argument("--long-seq-len", type=int, help="long context: tokens per sequence (default 8192; --tiny 256)")
+    p.add_argument("--long-steps", type=int, default=3, help="long context: timed steps per attention (default 3)")
+    p.add_argument("--kv-prompt-len", type=int, help="KV cache: prompt tokens (default 4096; --tiny 64)")
     p.add_argument("--out", help="JSON path (default: $OUT/gpu_check.json when $OUT is set, else none)")
     args = p.parse_args(argv)
     tiny = args.tiny
@@ -66,6 +77,8 @@ def parse_args(argv=None):
     args.prompt_len = args.prompt_len or (16 if tiny else 128)
     args.new_tokens = args.new_tokens or (16 if tiny else 256)
     args.peak_n = args.peak_n or (256 if tiny else 8192)
+    args.long_seq_len = args.long_seq_len or (256 if tiny else 8192)
+    args.kv_prompt_len = args.kv_prompt_len or (32 if tiny else 4096)
     if jaxtp.HARDWARE.get(args.hardware) is None:
         p.error(f"--hardware must be a datasheet preset: one of {sorted(k for k, v in jaxtp.HARDWARE.items() if v)}")
     if args.warmup < 1 or args.steps < 1 or args.decode_repeats < 1:
@@ -161,6 +174,69 @@ def decode_check(model, args) -> dict:
     return out
 
 
+# -------------------------------------------------------------------------------------- long context
+
+LONG_ATTENTION = ("cudnn", "blockwise", "xla")
+KV_CACHE_DTYPES = ("bf16", "int8")
+
+
+def long_context_step(cfg, mesh, args, attention: str) -> dict:
+    """One attention implementation's train step at batch 1 x --long-seq-len."""
+    S = args.long_seq_len
+    cfg = cfg.replace(attention=attention, max_seq_len=max(cfg.max_seq_len, S))
+    trainer = train.Trainer.create(jaxtp.Transformer.create(cfg, mesh, seed=0),
+                                   train.TrainConfig(batch_size=1, seq_len=S))
+    corpus = data.load_corpus("synthetic")
+    batch = lambda: data.train_batch(corpus.train, mesh, 1, S, 0, trainer.step)
+    out = compile_timed(trainer, batch())
+    out["first_step_s"], _ = timed_step(trainer, batch())
+    runs = [timed_step(trainer, batch()) for _ in range(args.long_steps)]
+    out.update(step_s_median=statistics.median(s for s, _ in runs), final_loss=runs[-1][1],
+               tokens_per_s=S / statistics.median(s for s, _ in runs))
+    progress(f"long context {attention}: {out['step_s_median'] * 1e3:.1f} ms/step, "
+             f"temp {out['memory_per_device']['temp'] / GiB:.3g} GiB")
+    return out
+
+
+def long_context_check(cfg, mesh, args) -> dict:
+    """Part (c): each attention implementation in turn; one that fails records its error."""
+    out = dict(batch=1, seq_len=args.long_seq_len)
+    for attention in LONG_ATTENTION:
+        result = attempt(out, attention, long_context_step, cfg, mesh, args, attention)
+        if result:
+            out[attention] = result
+        jax.clear_caches()
+    return out
+
+
+def kv_cache_check(model, args) -> dict:
+    """Part (d): bf16 weights, bf16 against int8 KV cache, timed calls alternating."""
+    bf16 = jaxtp.cast(model, "bf16")
+    T = args.kv_prompt_len + args.new_tokens
+    if T > bf16.cfg.max_seq_len:
+        raise ValueError(f"--kv-prompt-len + --new-tokens = {T} exceeds the model's max_seq_len {bf16.cfg.max_seq_len}")
+    prompt = np.random.default_rng(0).integers(0, bf16.cfg.vocab_size, (1, args.kv_prompt_len), dtype=np.int32)
+
+    def call(kv_cache_dtype) -> dict:
+        stats = {}
+        jaxtp.generate(bf16, prompt, args.new_tokens, temperature=0.0, kv_cache_dtype=kv_cache_dtype, stats=stats)
+        return stats
+
+    out = {d: dict(kv_bytes_per_device=cache_bytes_per_device(bf16, 1, T, kv_cache_dtype=d)) for d in KV_CACHE_DTYPES}
+    for d in KV_CACHE_DTYPES:
+        call(d)  # compiles prefill and the decode step
+    runs = {d: [] for d in KV_CACHE_DTYPES}
+    for _ in range(args.decode_repeats):
+        for d in KV_CACHE_DTYPES:
+            runs[d].append(call(d))
+    for d, stats in runs.items():
+        out[d]["decode_tok_s"] = statistics.median(s["decode_tokens"] / s["decode_s"] for s in stats)
+    out.update(prompt_len=args.kv_prompt_len, new_tokens=args.new_tokens,
+               int8_over_bf16_tok_s=out["int8"]["decode_tok_s"] / out["bf16"]["decode_tok_s"],
+               int8_over_bf16_bytes=out["int8"]["kv_bytes_per_device"] / out["bf16"]["kv_bytes_per_device"])
+    return out
+
+
 # -------------------------------------------------------------------------------------------- main
 
 START = time.perf_counter()  # reset by main()
@@ -217,6 +293,20 @@ def summary(results: dict) -> str:
             f"weights {dec[p]['param_bytes_per_device'] / GiB:.3g} GiB, first call {dec[p]['first_call_s']:.1f} s"
             for p in ("bf16", "int8")]
         lines.append(f"  int8/bf16 {dec['int8_over_bf16']:.2f} (target {dec['target']}): {dec['status']}")
+    long = results.get("long_context", {})
+    if long:
+        lines.append(f"long context, batch 1 x {long['seq_len']}:")
+        lines += [f"  {a}: ERROR {long[a]['error'][:200]}" if "error" in long.get(a, {}) else
+                  f"  {a}: {long[a]['step_s_median'] * 1e3:.1f} ms/step, {long[a]['tokens_per_s']:,.0f} tok/s, "
+                  f"temp {long[a]['memory_per_device']['temp'] / GiB:.3g} GiB" for a in LONG_ATTENTION if a in long]
+    kv = results.get("kv_cache", {})
+    if "error" in kv:
+        lines.append(f"kv cache: ERROR {kv['error'][:300]}")
+    elif kv:
+        lines += [f"kv cache, prompt {kv['prompt_len']} + {kv['new_tokens']} new, bf16 weights:"] + [
+            f"  {d}: {kv[d]['decode_tok_s']:,.0f} tok/s, KV {kv[d]['kv_bytes_per_device'] / GiB:.3g} GiB/device"
+            for d in KV_CACHE_DTYPES]
+        lines.append(f"  int8/bf16: {kv['int8_over_bf16_tok_s']:.2f}x tok/s, {kv['int8_over_bf16_bytes']:.3f}x bytes")
     lines.append(f"total {results['total_s']:.0f} s")
     return "\n".join(lines)
 
@@ -243,6 +333,12 @@ def main(argv=None) -> dict:
     decoded = attempt(results, "decode", decode_check, model, args)
     if decoded:
         results["decode"] = decoded
+    write(results, args.out)
+    results["long_context"] = long_context_check(cfg, mesh, args)
+    write(results, args.out)
+    kv = attempt(results, "kv_cache", kv_cache_check, model, args)
+    if kv:
+        results["kv_cache"] = kv
     results["total_s"] = time.perf_counter() - START
     write(results, args.out)
     print(summary(results))
@@ -251,4 +347,4 @@ def main(argv=None) -> dict:
 
 if __name__ == "__main__":
     res = main()
-    sys.exit(1 if any("error" in res.get(k, {}) for k in ("train", "decode")) else 0)
+    sys.exit(1 if any("error" in res.get(k, {}) for k in ("train", "decode", "kv_cache")) else 0)

@@ -77,7 +77,7 @@ def test_model_switches_scan_and_remat(capsys):
 def test_gpu_check_tiny_writes_finite_json(tmp_path):
     out = tmp_path / "gpu_check.json"
     gpu_check.main(["--tiny", "--steps", "3", "--warmup", "1", "--decode-repeats", "1", "--new-tokens", "8",
-                    "--out", str(out)])
+                    "--long-seq-len", "128", "--long-steps", "1", "--out", str(out)])
     res = json.loads(out.read_text())
     assert {"meta", "config", "train", "decode", "total_s"} <= set(res)
     assert {"compile_s", "trace_lower_s", "xla_compile_s", "first_step_s", "step_s_median", "tokens_per_s", "mfu",
@@ -88,3 +88,25 @@ def test_gpu_check_tiny_writes_finite_json(tmp_path):
     assert res["decode"]["int8"]["param_bytes_per_device"] < res["decode"]["bf16"]["param_bytes_per_device"]
     assert all(math.isfinite(x) for x in numbers(res))
     assert res["train"]["peak_flops_per_s"] == gpu_check.jaxtp.HARDWARE["h200"].flops_per_s
+    long = res["long_context"]
+    assert "needs a GPU" in long["cudnn"]["error"]  # CPU: cuDNN refuses in one line, the others still run
+    for attention in ("blockwise", "xla"):
+        assert {"step_s_median", "tokens_per_s", "memory_per_device", "compile_s"} <= set(long[attention])
+    assert long["blockwise"]["memory_per_device"]["temp"] < long["xla"]["memory_per_device"]["temp"]
+    kv = res["kv_cache"]
+    assert kv["int8"]["kv_bytes_per_device"] < kv["bf16"]["kv_bytes_per_device"]
+    assert kv["int8"]["decode_tok_s"] > 0 and kv["bf16"]["decode_tok_s"] > 0
+
+
+def test_long_context_sections_report_ratios_and_targets(capsys):
+    """bench.py --sections attention,kv_cache on tiny at short lengths: every row, the summaries and targets."""
+    res = bench.main(["--sections", "attention,kv_cache", "--attention-model", "tiny", "--attention-seq-lens",
+                      "128,256", "--kv-cache-lens", "64", "--batch", "2", "--repeats", "1"])
+    assert {(r["attention"], r["seq_len"]) for r in res["attention"]} == {
+        (a, S) for a in ("xla", "blockwise") for S in (128, 256)}
+    assert all(r["step_s"] > 0 and r["temp_bytes_per_device"] > 0 for r in res["attention"])
+    summary = res["attention_summary"]
+    assert set(summary["ratios"]) == {128, 256}
+    assert [c["status"] in ("PASS", "MISS") for c in summary["targets"]] == [True]  # S=128 only: no S >= 1024 here
+    assert {r["kv_cache_dtype"] for r in res["kv_cache"]} == {"bf16", "int8"}
+    assert 0 < res["kv_cache_summary"][64]["bytes"] < 1
