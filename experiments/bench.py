@@ -63,27 +63,40 @@ import sys
 import time
 from typing import Callable, NamedTuple
 
+import jax  # imported, not initialised: fake devices can still be set
 import numpy as np
+from bench_attention import (
+    ATTENTION_COLUMNS,
+    KV_CACHE_COLUMNS,
+    bench_attention,
+    bench_kv_cache,
+    summarise_attention,
+    summarise_kv_cache,
+)
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+# this directory is on sys.path when bench.py runs as a script (and in the tests, via pytest's pythonpath)
+from plain_reference import PlainTrainer
 
-import jax  # noqa: E402  (imported, not initialised: fake devices can still be set)
-import jaxtp  # noqa: E402
-from jaxtp import data, train  # noqa: E402
-from jaxtp.generate import cache_bytes_per_device  # noqa: E402
-from jaxtp.hlo import parse_collectives  # noqa: E402
-from jaxtp.measure import (bytes_per_device, compile_timed, matmul_peak_flops, memory_per_device,  # noqa: E402
-                           timed_train_step)
-from plain_reference import PlainTrainer  # noqa: E402
-from bench_attention import (ATTENTION_COLUMNS, KV_CACHE_COLUMNS, bench_attention, bench_kv_cache,  # noqa: E402
-                             summarise_attention, summarise_kv_cache)
+import jaxtp
+from jaxtp import data, train
+from jaxtp.generation import cache_bytes_per_device
+from jaxtp.hlo import parse_collectives
+from jaxtp.measure import (
+    bytes_per_device,
+    compile_count,
+    compile_timed,
+    matmul_peak_flops,
+    memory_per_device,
+    timed_train_step,
+)
 
 # Benchmark-only shapes. `mid` lives here rather than in jaxtp.PRESETS because it exists to size this
 # benchmark (wide enough that matmuls, not per-op overhead, dominate a CPU step); a global preset would
 # show up in run.py --model, the planner tables and every test that loops over PRESETS.
 BENCH_CONFIGS = {
-    "mid": jaxtp.ModelConfig(vocab_size=256, d_model=256, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=1024,
-                             max_seq_len=128),
+    "mid": jaxtp.ModelConfig(
+        vocab_size=256, d_model=256, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=1024, max_seq_len=128
+    ),
 }
 TRAIN_SHAPES = {"tiny": (64, 16), "mid": (128, 16), "small": (64, 16)}  # (seq_len, global batch)
 TRAIN_PRECISIONS = {"f32": "float32", "bf16-compute": "bfloat16"}  # row label -> compute dtype
@@ -94,34 +107,61 @@ MID_TARGETS = (("compile_s", "<=", 5.0), ("step_s", "<=", 0.25), ("mfu", ">=", 0
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true",
-                   help="train: tiny+mid in f32; generation: tiny, short prompts (about 5 minutes on 2 CPU cores)")
-    p.add_argument("--out", help="write results as JSON to this file, with a markdown copy (.md) and the train "
-                                 "step plot (<name>_steps.png) beside it")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="train: tiny+mid in f32; generation: tiny, short prompts (about 5 minutes on 2 CPU cores)",
+    )
+    p.add_argument(
+        "--out",
+        help="write results as JSON to this file, with a markdown copy (.md) and the train "
+        "step plot (<name>_steps.png) beside it",
+    )
     p.add_argument("--sections", default="train,generation", help=f"comma list of: {', '.join(SECTIONS)}")
-    p.add_argument("--presets", help="comma list of models for every section (jaxtp presets or "
-                                     f"{', '.join(BENCH_CONFIGS)}; default train: tiny,mid,small, generation: "
-                                     "tiny,small; --quick: tiny,mid and tiny)")
+    p.add_argument(
+        "--presets",
+        help="comma list of models for every section (jaxtp presets or "
+        f"{', '.join(BENCH_CONFIGS)}; default train: tiny,mid,small, generation: "
+        "tiny,small; --quick: tiny,mid and tiny)",
+    )
     p.add_argument("--meshes", default="1x1,2x4,1x8", help="comma list of mesh specs (data x model)")
     p.add_argument("--precisions", default="f32,bf16,int8", help="generation: comma list; bf16/int8 need jaxtp.cast")
-    p.add_argument("--train-precisions", help=f"train: comma list of {', '.join(TRAIN_PRECISIONS)} "
-                                              "(default both; --quick: f32)")
+    p.add_argument(
+        "--train-precisions", help=f"train: comma list of {', '.join(TRAIN_PRECISIONS)} (default both; --quick: f32)"
+    )
     p.add_argument("--batch", type=int, help="generation: prompts per batch (default 8)")
     p.add_argument("--prompt-len", type=int, help="generation: prompt tokens per row (default 32; --quick 16)")
     p.add_argument("--new-tokens", type=int, help="generation: generated tokens per row (default 64; --quick 16)")
-    p.add_argument("--attention-model", default="small",
-                   help="attention and kv_cache sections: the preset run at long context (default small)")
-    p.add_argument("--attention-seq-lens", type=lambda v: [int(x) for x in v.split(",")],
-                   help="attention section: comma list of S (default 128,...,4096; --quick up to 1024)")
-    p.add_argument("--kv-cache-lens", type=lambda v: [int(x) for x in v.split(",")],
-                   help="kv_cache section: comma list of cache lengths (default 512,4096)")
-    p.add_argument("--no-reference", dest="reference", action="store_false",
-                   help="train: skip the plain pure-JAX reference step (experiments/plain_reference.py) that is "
-                        "otherwise timed beside every f32 model, on the same meshes and in the same rounds")
+    p.add_argument(
+        "--attention-model",
+        default="small",
+        help="attention and kv_cache sections: the preset run at long context (default small)",
+    )
+    p.add_argument(
+        "--attention-seq-lens",
+        type=lambda v: [int(x) for x in v.split(",")],
+        help="attention section: comma list of S (default 128,...,4096; --quick up to 1024)",
+    )
+    p.add_argument(
+        "--kv-cache-lens",
+        type=lambda v: [int(x) for x in v.split(",")],
+        help="kv_cache section: comma list of cache lengths (default 512,4096)",
+    )
+    p.add_argument(
+        "--no-reference",
+        dest="reference",
+        action="store_false",
+        help="train: skip the plain pure-JAX reference step (experiments/plain_reference.py) that is "
+        "otherwise timed beside every f32 model, on the same meshes and in the same rounds",
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed runs per row after warm-up (default 5)")
     p.add_argument("--temperature", type=float, default=0.0, help="generation: 0 = greedy (default)")
-    p.add_argument("--cpu-devices", type=int, default=int(os.environ.get("JAXTP_CPU_DEVICES", 8)),
-                   help="fake CPU devices to create before JAX starts (0: leave JAX's default)")
+    p.add_argument(
+        "--cpu-devices",
+        type=int,
+        default=int(os.environ.get("JAXTP_CPU_DEVICES", 8)),
+        help="fake CPU devices to create before JAX starts (0: leave JAX's default)",
+    )
     args = p.parse_args(argv)
     quick = args.quick
     given = args.presets.split(",") if args.presets else None
@@ -142,8 +182,11 @@ def parse_args(argv=None):
 
 def input_problems(args) -> list[str]:
     """Unknown sections, models, train precisions and malformed meshes, found before anything runs."""
-    problems = [f"unknown sections {[s for s in args.sections if s not in SECTIONS]}; choose from {list(SECTIONS)}"
-                ] if set(args.sections) - set(SECTIONS) else []
+    problems = (
+        [f"unknown sections {[s for s in args.sections if s not in SECTIONS]}; choose from {list(SECTIONS)}"]
+        if set(args.sections) - set(SECTIONS)
+        else []
+    )
     known = set(jaxtp.PRESETS) | set(BENCH_CONFIGS)
     for m in dict.fromkeys(args.train_presets + args.presets):
         if m.split("+")[0] not in known:
@@ -153,8 +196,11 @@ def input_problems(args) -> list[str]:
             model_config(m)
         except ValueError as e:
             problems.append(str(e))
-    problems += [f"unknown train precision {t!r}; choose from {list(TRAIN_PRECISIONS)}"
-                 for t in args.train_precisions if t not in TRAIN_PRECISIONS]
+    problems += [
+        f"unknown train precision {t!r}; choose from {list(TRAIN_PRECISIONS)}"
+        for t in args.train_precisions
+        if t not in TRAIN_PRECISIONS
+    ]
     for spec in args.meshes:
         try:
             jaxtp.parse_mesh_spec(spec)
@@ -167,6 +213,7 @@ def input_problems(args) -> list[str]:
 
 # --------------------------------------------------------------------------------------- helpers
 
+
 def model_config(name: str):
     """A jaxtp preset or BENCH_CONFIGS entry, with optional switches after '+': 'scan' (scan_layers) and
     'remat=POLICY', e.g. mid+scan+remat=dots - before/after rows of the same model in one run."""
@@ -176,7 +223,7 @@ def model_config(name: str):
         if switch == "scan":
             cfg = cfg.replace(scan_layers=True)
         elif switch.startswith("remat="):
-            cfg = cfg.replace(remat=switch[len("remat="):])
+            cfg = cfg.replace(remat=switch[len("remat=") :])
         else:
             raise ValueError(f"unknown model switch {switch!r} in {name!r}; use +scan or +remat=none|full|dots")
     return cfg
@@ -194,8 +241,6 @@ def cast(model, precision: str):
     """`model` in `precision`, or a string saying why not."""
     if precision == "f32":
         return model
-    if not hasattr(jaxtp, "cast"):
-        return "jaxtp.cast is not available"
     try:
         return jaxtp.cast(model, precision)
     except ValueError as e:
@@ -204,18 +249,22 @@ def cast(model, precision: str):
 
 def markdown_table(rows: list[dict], columns: list[tuple[str, str, str | Callable]]) -> str:
     """columns: (key, header, format spec or function of the value); missing values print as '-'."""
+
     def fmt(r, k, f):
         if r.get(k) is None:
             return "-"
         return f(r[k]) if callable(f) else format(r[k], f) if f else str(r[k])
 
-    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |",
-             "|" + "|".join("---:" if f else "---" for _, _, f in columns) + "|"]
+    lines = [
+        "| " + " | ".join(h for _, h, _ in columns) + " |",
+        "|" + "|".join("---:" if f else "---" for _, _, f in columns) + "|",
+    ]
     lines += ["| " + " | ".join(fmt(r, k, f) for k, _, f in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------ train section
+
 
 def variant_for(cfg, spec: str):
     """`cfg`, or, when the mesh's model axis does not divide its heads, the same model with
@@ -278,8 +327,19 @@ def prepare_cell(name: str, precision: str, spec: str, cfg, corpus, impl: str = 
     and no trainer."""
     seq_len, batch = TRAIN_SHAPES.get(name.split("+")[0], (min(cfg.max_seq_len, 128), 16))
     cfg = cfg.replace(compute_dtype=TRAIN_PRECISIONS[precision])
-    cell = TrainCell(dict(preset=name, impl=impl, heads=cfg.n_heads, mesh=spec, precision=precision, batch=batch,
-                          seq_len=seq_len, params=cfg.param_count()), corpus)
+    cell = TrainCell(
+        dict(
+            preset=name,
+            impl=impl,
+            heads=cfg.n_heads,
+            mesh=spec,
+            precision=precision,
+            batch=batch,
+            seq_len=seq_len,
+            params=cfg.param_count(),
+        ),
+        corpus,
+    )
     tc = train.TrainConfig(batch_size=batch, seq_len=seq_len)
     try:
         cell.mesh = jaxtp.make_mesh(spec)
@@ -293,8 +353,11 @@ def prepare_cell(name: str, precision: str, spec: str, cfg, corpus, impl: str = 
         cell.row["skipped"] = str(e).split(";")[0]
         print(f"  {name} N={cfg.n_heads} {spec} {precision} {impl}: skipped ({cell.row['skipped']})", file=sys.stderr)
         return cell
-    cell.row.update(compile_step(cell), state_bytes_per_device=bytes_per_device(
-        (cell.trainer.params, cell.trainer.opt_state)), flops_per_step=train.train_flops_per_step(cfg, batch, seq_len))
+    cell.row.update(
+        compile_step(cell),
+        state_bytes_per_device=bytes_per_device((cell.trainer.params, cell.trainer.opt_state)),
+        flops_per_step=train.train_flops_per_step(cfg, batch, seq_len),
+    )
     cell.row["first_step_s"] = cell.step()
     for _ in range(WARMUP_STEPS - 1):
         cell.step()
@@ -311,12 +374,17 @@ def time_round_robin(cells: list[TrainCell], repeats: int) -> None:
 def finish_row(cell: TrainCell) -> dict:
     """Median step time, throughput and the jit cache size after every timed step."""
     r = cell.row
-    r.update(step_s=statistics.median(cell.times), step_times_s=cell.times,
-             jit_cache_size=cell.trainer.step_fn._cache_size())
+    r.update(
+        step_s=statistics.median(cell.times),
+        step_times_s=cell.times,
+        jit_cache_size=compile_count(cell.trainer.step_fn),
+    )
     r.update(tokens_per_s=r["batch"] * r["seq_len"] / r["step_s"], flops_per_s=r["flops_per_step"] / r["step_s"])
-    print(f"  {r['preset']} N={r['heads']} {r['mesh']} {r['precision']} {r['impl']}: compile {r['compile_s']:.1f}s, "
-          f"step {r['step_s'] * 1e3:.1f} ms, {r['tokens_per_s']:,.0f} tok/s, cache {r['jit_cache_size']}",
-          file=sys.stderr)
+    print(
+        f"  {r['preset']} N={r['heads']} {r['mesh']} {r['precision']} {r['impl']}: compile {r['compile_s']:.1f}s, "
+        f"step {r['step_s'] * 1e3:.1f} ms, {r['tokens_per_s']:,.0f} tok/s, cache {r['jit_cache_size']}",
+        file=sys.stderr,
+    )
     return r
 
 
@@ -341,8 +409,11 @@ def bench_train(args) -> list[dict]:
     for name in args.train_presets:
         for precision in args.train_precisions:
             impls = ["jaxtp", "plain"] if args.reference and precision == "f32" and "+" not in name else ["jaxtp"]
-            cells = [prepare_cell(name, precision, spec, cfg, corpus, impl)
-                     for impl in impls for spec, cfg in train_cells(model_config(name), args.meshes)]
+            cells = [
+                prepare_cell(name, precision, spec, cfg, corpus, impl)
+                for impl in impls
+                for spec, cfg in train_cells(model_config(name), args.meshes)
+            ]
             live = [c for c in cells if c.trainer is not None]
             time_round_robin(live, args.repeats)
             rows += [finish_row(c) if c.trainer is not None else c.row for c in cells]
@@ -358,8 +429,15 @@ OPS = {"<=": operator.le, ">=": operator.ge, "==": operator.eq}
 def check(preset: str, name: str, value, op: str, limit: float) -> dict:
     """One PASS / MISS line of the summary (n/a when the rows it needs were not run)."""
     met = value is not None and OPS[op](value, limit)
-    return dict(preset=preset, check=name, value=value, op=op, limit=limit, target=f"{op} {limit:g}",
-                status="n/a" if value is None else "PASS" if met else "MISS")
+    return dict(
+        preset=preset,
+        check=name,
+        value=value,
+        op=op,
+        limit=limit,
+        target=f"{op} {limit:g}",
+        status="n/a" if value is None else "PASS" if met else "MISS",
+    )
 
 
 def overhead_checks(rows: list[dict]) -> list[dict]:
@@ -367,8 +445,13 @@ def overhead_checks(rows: list[dict]) -> list[dict]:
     jaxtp value with the plain reference's in the same run beside it (`plain`) where that was timed."""
     f32 = [r for r in rows if r["precision"] == "f32" and "step_s" in r]
     find = lambda preset, mesh, heads=None, impl="jaxtp": next(
-        (r for r in f32 if r["preset"] == preset and r["mesh"] == mesh and heads in (None, r["heads"])
-         and r["impl"] == impl), None)
+        (
+            r
+            for r in f32
+            if r["preset"] == preset and r["mesh"] == mesh and heads in (None, r["heads"]) and r["impl"] == impl
+        ),
+        None,
+    )
 
     def ratio(preset, mesh, impl="jaxtp"):
         r = find(preset, mesh, impl=impl)
@@ -383,14 +466,27 @@ def overhead_checks(rows: list[dict]) -> list[dict]:
     for preset in dict.fromkeys(r["preset"] for r in rows):
         for mesh, limit in RATIO_TARGETS.items():
             value, heads = ratio(preset, mesh)
-            checks.append(dict(check(preset, f"step({mesh})/step(1x1)" + (f" N={heads}" if heads else ""), value,
-                                     "<=", limit), plain=ratio(preset, mesh, "plain")[0]))
+            checks.append(
+                dict(
+                    check(preset, f"step({mesh})/step(1x1)" + (f" N={heads}" if heads else ""), value, "<=", limit),
+                    plain=ratio(preset, mesh, "plain")[0],
+                )
+            )
     mid, plain_mid = find("mid", "2x4"), find("mid", "2x4", impl="plain")
-    checks += [dict(check("mid", f"2x4 {key}", mid and mid.get(key), op, limit), plain=plain_mid and plain_mid.get(key))
-               for key, op, limit in MID_TARGETS]
+    checks += [
+        dict(check("mid", f"2x4 {key}", mid and mid.get(key), op, limit), plain=plain_mid and plain_mid.get(key))
+        for key, op, limit in MID_TARGETS
+    ]
     timed = [r for r in rows if "jit_cache_size" in r and r["impl"] == "jaxtp"]
-    checks.append(check("all", "jit cache size after timed steps (max)",
-                        max(r["jit_cache_size"] for r in timed) if timed else None, "==", 1))
+    checks.append(
+        check(
+            "all",
+            "jit cache size after timed steps (max)",
+            max(r["jit_cache_size"] for r in timed) if timed else None,
+            "==",
+            1,
+        )
+    )
     return checks
 
 
@@ -400,10 +496,17 @@ def summarise_train(rows: list[dict]) -> tuple[str, dict, str]:
     peak = r and dict(start=r["peak_start_flops_per_s"], end=r["peak_end_flops_per_s"], used=r["peak_flops_per_s"])
     summary = dict(precision="f32", peak_flops_per_s=peak, checks=overhead_checks(rows))
     used = "-" if peak is None else f"{peak['start'] / 1e9:.1f} at start, {peak['end'] / 1e9:.1f} at end"
-    text = (f"### overhead (f32 rows; matmul peak {used} GFLOP/s, the larger used)\n\n" +
-            markdown_table(summary["checks"], [("preset", "model", ""), ("check", "check", ""),
-                                               ("value", "measured", ".3g"), ("target", "target", ""),
-                                               ("status", "", ""), ("plain", "plain JAX, same run", ".3g")]))
+    text = f"### overhead (f32 rows; matmul peak {used} GFLOP/s, the larger used)\n\n" + markdown_table(
+        summary["checks"],
+        [
+            ("preset", "model", ""),
+            ("check", "check", ""),
+            ("value", "measured", ".3g"),
+            ("target", "target", ""),
+            ("status", "", ""),
+            ("plain", "plain JAX, same run", ".3g"),
+        ],
+    )
     return "overhead", summary, text
 
 
@@ -425,17 +528,28 @@ def plot_train(rows: list[dict], out: str) -> None:
     for ax, name in zip(axes[0], models):
         mine = [r for r in timed if r["preset"] == name]
         variants = list(dict.fromkeys(r["heads"] for r in mine))  # each variant's 1x1 bar first, then its meshes
-        cells = sorted(dict.fromkeys((r["heads"], r["mesh"]) for r in mine),
-                       key=lambda c: (variants.index(c[0]), c[1] != "1x1"))
+        cells = sorted(
+            dict.fromkeys((r["heads"], r["mesh"]) for r in mine), key=lambda c: (variants.index(c[0]), c[1] != "1x1")
+        )
         width = 0.8 / len(precisions)
         for i, precision in enumerate(precisions):
             ms = {(r["heads"], r["mesh"]): 1e3 * r["step_s"] for r in mine if series(r) == precision}
-            ax.bar([j + i * width for j in range(len(cells))], [ms.get(c, 0) for c in cells], width,
-                   color=f"C{i}", label=precision)
+            ax.bar(
+                [j + i * width for j in range(len(cells))],
+                [ms.get(c, 0) for c in cells],
+                width,
+                color=f"C{i}",
+                label=precision,
+            )
             for k, heads in enumerate(variants):
                 if (heads, "1x1") in ms:
-                    ax.axhline(ms[(heads, "1x1")], color=f"C{i}", ls=("--", ":")[k % 2], lw=1,
-                               label=f"1x1 N={heads} {precision}")
+                    ax.axhline(
+                        ms[(heads, "1x1")],
+                        color=f"C{i}",
+                        ls=("--", ":")[k % 2],
+                        lw=1,
+                        label=f"1x1 N={heads} {precision}",
+                    )
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cells))], [f"{m}\nN={h}" for h, m in cells])
         ax.set(title=f"{name}: B={mine[0]['batch']}, S={mine[0]['seq_len']}", ylabel="median step (ms)")
         ax.legend(fontsize=7)
@@ -444,18 +558,31 @@ def plot_train(rows: list[dict], out: str) -> None:
     plt.close(fig)
 
 
-MiB = lambda v: f"{v / 2 ** 20:,.2f}"
-TRAIN_COLUMNS = [("preset", "model", ""), ("impl", "impl", ""), ("heads", "N", ""), ("mesh", "mesh", ""), ("precision", "precision", ""),
-                 ("batch", "B", ""), ("seq_len", "S", ""), ("compile_s", "compile s", ".2f"),
-                 ("first_step_s", "1st step s", ".3f"), ("step_s", "step ms", lambda v: f"{v * 1e3:.1f}"),
-                 ("tokens_per_s", "tok/s", ",.0f"), ("flops_per_s", "GFLOP/s", lambda v: f"{v / 1e9:.2f}"),
-                 ("mfu", "MFU", ".1%"), ("state_bytes_per_device", "state MiB/dev", MiB),
-                 ("temp_bytes_per_device", "temp MiB/dev", MiB),
-                 ("collectives_model", "collectives@model", lambda d: ", ".join(f"{k} {n}" for k, n in d.items())),
-                 ("jit_cache_size", "jit cache", ""), ("skipped", "note", "")]
+MiB = lambda v: f"{v / 2**20:,.2f}"
+TRAIN_COLUMNS = [
+    ("preset", "model", ""),
+    ("impl", "impl", ""),
+    ("heads", "N", ""),
+    ("mesh", "mesh", ""),
+    ("precision", "precision", ""),
+    ("batch", "B", ""),
+    ("seq_len", "S", ""),
+    ("compile_s", "compile s", ".2f"),
+    ("first_step_s", "1st step s", ".3f"),
+    ("step_s", "step ms", lambda v: f"{v * 1e3:.1f}"),
+    ("tokens_per_s", "tok/s", ",.0f"),
+    ("flops_per_s", "GFLOP/s", lambda v: f"{v / 1e9:.2f}"),
+    ("mfu", "MFU", ".1%"),
+    ("state_bytes_per_device", "state MiB/dev", MiB),
+    ("temp_bytes_per_device", "temp MiB/dev", MiB),
+    ("collectives_model", "collectives@model", lambda d: ", ".join(f"{k} {n}" for k, n in d.items())),
+    ("jit_cache_size", "jit cache", ""),
+    ("skipped", "note", ""),
+]
 
 
 # ------------------------------------------------------------------------------- generation section
+
 
 def bench_generation(args) -> list[dict]:
     """Prefill and decode tokens/s of jaxtp.generate per preset x mesh x precision."""
@@ -468,8 +595,14 @@ def bench_generation(args) -> list[dict]:
             f32 = build(cfg, spec)  # built once per mesh; each precision is cast from it
             build_s = time.perf_counter() - t0
             for precision in args.precisions:
-                row = dict(preset=preset, mesh=spec, precision=precision, batch=args.batch,
-                           prompt_len=args.prompt_len, new_tokens=args.new_tokens)
+                row = dict(
+                    preset=preset,
+                    mesh=spec,
+                    precision=precision,
+                    batch=args.batch,
+                    prompt_len=args.prompt_len,
+                    new_tokens=args.new_tokens,
+                )
                 rows.append(row)
                 t0 = time.perf_counter()
                 model = f32 if isinstance(f32, str) else cast(f32, precision)
@@ -480,8 +613,9 @@ def bench_generation(args) -> list[dict]:
                     print(f"  {preset} {spec} {precision}: skipped ({model})", file=sys.stderr)
                     continue
                 jax.block_until_ready(jax.tree.leaves(model))
-                run = lambda stats: jaxtp.generate(model, prompt, args.new_tokens, temperature=args.temperature,
-                                                   seed=0, stats=stats)
+                run = lambda stats: jaxtp.generate(
+                    model, prompt, args.new_tokens, temperature=args.temperature, seed=0, stats=stats
+                )
                 t1 = time.perf_counter()
                 warm = {}
                 run(warm)  # compiles prefill and the decode step
@@ -494,20 +628,37 @@ def bench_generation(args) -> list[dict]:
                 prefill = statistics.median(s["prefill_tokens"] / s["prefill_s"] for s in timed)
                 decode = statistics.median(s["decode_tokens"] / s["decode_s"] for s in timed)
                 step_ms = statistics.median(1e3 * s["decode_s"] / max(s["decode_steps"], 1) for s in timed)
-                row.update(build_s=build_s + t1 - t0, first_call_s=t2 - t1, prefill_tok_s=prefill,
-                           decode_tok_s=decode, decode_step_ms=step_ms, params=cfg.param_count(),
-                           cache_bytes_per_device=cache_bytes_per_device(model, args.batch,
-                                                                         args.prompt_len + args.new_tokens))
-                print(f"  {preset} {spec} {precision}: prefill {prefill:,.0f} tok/s, decode {decode:,.0f} tok/s "
-                      f"({step_ms:.2f} ms/step), first call {t2 - t1:.1f}s", file=sys.stderr)
+                row.update(
+                    build_s=build_s + t1 - t0,
+                    first_call_s=t2 - t1,
+                    prefill_tok_s=prefill,
+                    decode_tok_s=decode,
+                    decode_step_ms=step_ms,
+                    params=cfg.param_count(),
+                    cache_bytes_per_device=cache_bytes_per_device(model, args.batch, args.prompt_len + args.new_tokens),
+                )
+                print(
+                    f"  {preset} {spec} {precision}: prefill {prefill:,.0f} tok/s, decode {decode:,.0f} tok/s "
+                    f"({step_ms:.2f} ms/step), first call {t2 - t1:.1f}s",
+                    file=sys.stderr,
+                )
     return rows
 
 
-GENERATION_COLUMNS = [("preset", "preset", ""), ("mesh", "mesh", ""), ("precision", "precision", ""),
-                      ("batch", "B", ""), ("prompt_len", "prompt", ""), ("new_tokens", "new", ""),
-                      ("prefill_tok_s", "prefill tok/s", ",.0f"), ("decode_tok_s", "decode tok/s", ",.0f"),
-                      ("decode_step_ms", "ms/step", ".2f"), ("first_call_s", "compile+1st run s", ".1f"),
-                      ("cache_bytes_per_device", "KV bytes/dev", ","), ("skipped", "note", "")]
+GENERATION_COLUMNS = [
+    ("preset", "preset", ""),
+    ("mesh", "mesh", ""),
+    ("precision", "precision", ""),
+    ("batch", "B", ""),
+    ("prompt_len", "prompt", ""),
+    ("new_tokens", "new", ""),
+    ("prefill_tok_s", "prefill tok/s", ",.0f"),
+    ("decode_tok_s", "decode tok/s", ",.0f"),
+    ("decode_step_ms", "ms/step", ".2f"),
+    ("first_call_s", "compile+1st run s", ".1f"),
+    ("cache_bytes_per_device", "KV bytes/dev", ","),
+    ("skipped", "note", ""),
+]
 
 
 class Section(NamedTuple):
@@ -517,13 +668,16 @@ class Section(NamedTuple):
     plot: Callable | None = None  # (rows, --out path) -> None: writes its image beside the JSON
 
 
-SECTIONS = {"train": Section(bench_train, TRAIN_COLUMNS, summarise_train, plot_train),
-            "generation": Section(bench_generation, GENERATION_COLUMNS),
-            "attention": Section(bench_attention, ATTENTION_COLUMNS, summarise_attention),
-            "kv_cache": Section(bench_kv_cache, KV_CACHE_COLUMNS, summarise_kv_cache)}
+SECTIONS = {
+    "train": Section(bench_train, TRAIN_COLUMNS, summarise_train, plot_train),
+    "generation": Section(bench_generation, GENERATION_COLUMNS),
+    "attention": Section(bench_attention, ATTENTION_COLUMNS, summarise_attention),
+    "kv_cache": Section(bench_kv_cache, KV_CACHE_COLUMNS, summarise_kv_cache),
+}
 
 
 # ------------------------------------------------------------------------------------------ main
+
 
 def beside(out: str, suffix: str) -> str:
     """A path next to the --out JSON: bench.json -> bench.md, bench_steps.png."""
@@ -536,12 +690,21 @@ def main(argv=None) -> dict:
         jaxtp.use_cpu_devices(args.cpu_devices)
 
     devices = jax.devices()
-    meta = dict(date=datetime.datetime.now().isoformat(timespec="seconds"), jax=jax.__version__,
-                backend=jax.default_backend(), devices=len(devices), device_kind=devices[0].device_kind,
-                python=platform.python_version(), cpu_count=os.cpu_count(), argv=sys.argv[1:] if argv is None else argv,
-                args={k: v for k, v in vars(args).items()})
-    print(f"jax {jax.__version__} on {len(devices)} {jax.default_backend()} device(s) ({devices[0].device_kind})",
-          file=sys.stderr)
+    meta = dict(
+        date=datetime.datetime.now().isoformat(timespec="seconds"),
+        jax=jax.__version__,
+        backend=jax.default_backend(),
+        devices=len(devices),
+        device_kind=devices[0].device_kind,
+        python=platform.python_version(),
+        cpu_count=os.cpu_count(),
+        argv=sys.argv[1:] if argv is None else argv,
+        args={k: v for k, v in vars(args).items()},
+    )
+    print(
+        f"jax {jax.__version__} on {len(devices)} {jax.default_backend()} device(s) ({devices[0].device_kind})",
+        file=sys.stderr,
+    )
     results, markdown = {"meta": meta}, []
     for name in args.sections:
         section = SECTIONS[name]

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
-
-import numpy as np
 
 import jax
+import numpy as np
+
 import jaxtp
 from jaxtp import data, train
-from jaxtp.generate import cache_bytes_per_device
+from jaxtp.generation import cache_bytes_per_device
 from jaxtp.measure import compile_timed, memory_per_device, timed_train_step
 
 ATTENTION_TOKENS = 8192  # global tokens per train step at every S
@@ -54,42 +53,72 @@ def bench_attention(args) -> list[dict]:
             trainer = train.Trainer.create(jaxtp.Transformer.create(cfg, mesh, seed=0), tc)
             next_batch = lambda tr=trainer: data.train_batch(corpus.train, mesh, batch, S, 0, tr.step)
             compiled, times = compile_timed(trainer.step_fn, trainer.params, trainer.opt_state, next_batch())
-            row = dict(model=args.attention_model, attention=impl, seq_len=S, batch=batch, tokens=batch * S,
-                       temp_bytes_per_device=memory_per_device(compiled)["temp"], compile_s=times["compile_s"])
+            row = dict(
+                model=args.attention_model,
+                attention=impl,
+                seq_len=S,
+                batch=batch,
+                tokens=batch * S,
+                temp_bytes_per_device=memory_per_device(compiled)["temp"],
+                compile_s=times["compile_s"],
+            )
             timed_train_step(trainer, next_batch())  # first run
             cells.append((row, trainer, next_batch, []))
         for _ in range(args.repeats):
-            for row, trainer, next_batch, times in cells:
+            for _, trainer, next_batch, times in cells:
                 times.append(timed_train_step(trainer, next_batch())[0])
         for row, _, _, times in cells:
             row.update(step_s=statistics.median(times), tokens_per_s=row["tokens"] / statistics.median(times))
             rows.append(row)
-            print(f"  attention {row['attention']} S={S} B={batch}: {row['step_s']:.3f} s/step, "
-                  f"temp {row['temp_bytes_per_device'] / 2**20:.0f} MiB", file=sys.stderr)
+            print(
+                f"  attention {row['attention']} S={S} B={batch}: {row['step_s']:.3f} s/step, "
+                f"temp {row['temp_bytes_per_device'] / 2**20:.0f} MiB",
+                file=sys.stderr,
+            )
     return rows
 
 
 def summarise_attention(rows: list[dict]) -> tuple[str, dict, str]:
     """Per S the blockwise/xla step-time and memory ratios; the crossover; the two speed targets."""
     by = {(r["attention"], r["seq_len"]): r for r in rows}
-    ratios = {S: dict(step=by["blockwise", S]["step_s"] / by["xla", S]["step_s"],
-                      temp=by["blockwise", S]["temp_bytes_per_device"] / max(by["xla", S]["temp_bytes_per_device"], 1))
-              for (impl, S) in by if impl == "xla" and ("blockwise", S) in by}
+    ratios = {
+        S: dict(
+            step=by["blockwise", S]["step_s"] / by["xla", S]["step_s"],
+            temp=by["blockwise", S]["temp_bytes_per_device"] / max(by["xla", S]["temp_bytes_per_device"], 1),
+        )
+        for (impl, S) in by
+        if impl == "xla" and ("blockwise", S) in by
+    }
     faster = [S for S in sorted(ratios) if all(ratios[s]["step"] < 1 for s in ratios if s >= S)]
     crossover = faster[0] if faster else None
     checks = []
     if 128 in ratios:
-        checks.append(dict(check=f"blockwise/xla step at S=128 <= {SHORT_RATIO_TARGET}", value=ratios[128]["step"],
-                           status="PASS" if ratios[128]["step"] <= SHORT_RATIO_TARGET else "MISS"))
+        checks.append(
+            dict(
+                check=f"blockwise/xla step at S=128 <= {SHORT_RATIO_TARGET}",
+                value=ratios[128]["step"],
+                status="PASS" if ratios[128]["step"] <= SHORT_RATIO_TARGET else "MISS",
+            )
+        )
     long = [S for S in ratios if S >= FASTER_FROM]
     if long:
         worst = max(ratios[S]["step"] for S in long)
-        checks.append(dict(check=f"blockwise faster than xla at every S >= {FASTER_FROM}", value=worst,
-                           status="PASS" if worst < 1 else "MISS"))
+        checks.append(
+            dict(
+                check=f"blockwise faster than xla at every S >= {FASTER_FROM}",
+                value=worst,
+                status="PASS" if worst < 1 else "MISS",
+            )
+        )
     lines = ["| S | blockwise/xla step | blockwise/xla temp |", "|---|---|---|"]
     lines += [f"| {S} | {r['step']:.2f} | {r['temp']:.3f} |" for S, r in sorted(ratios.items())]
-    lines += ["", f"crossover: blockwise is faster from S = {crossover}", "", "| target | value | status |",
-              "|---|---|---|"] + [f"| {c['check']} | {c['value']:.2f} | {c['status']} |" for c in checks]
+    lines += [
+        "",
+        f"crossover: blockwise is faster from S = {crossover}",
+        "",
+        "| target | value | status |",
+        "|---|---|---|",
+    ] + [f"| {c['check']} | {c['value']:.2f} | {c['status']} |" for c in checks]
     return "attention_summary", dict(ratios=ratios, crossover=crossover, targets=checks), "\n".join(lines)
 
 
@@ -101,8 +130,14 @@ def bench_kv_cache(args) -> list[dict]:
         cfg = jaxtp.ModelConfig.preset(args.attention_model)
         model = jaxtp.Transformer.create(cfg.replace(max_seq_len=max(cfg.max_seq_len, T)), mesh, seed=0)
         prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, T - KV_NEW_TOKENS), dtype=np.int32)
-        run = {d: (lambda stats, d=d: jaxtp.generate(model, prompt, KV_NEW_TOKENS, temperature=0, kv_cache_dtype=d,
-                                                     stats=stats)) for d in KV_CACHE_DTYPES}
+        run = {
+            d: (
+                lambda stats, d=d: jaxtp.generate(
+                    model, prompt, KV_NEW_TOKENS, temperature=0, kv_cache_dtype=d, stats=stats
+                )
+            )
+            for d in KV_CACHE_DTYPES
+        }
         timed = {d: [] for d in KV_CACHE_DTYPES}
         for d in KV_CACHE_DTYPES:
             run[d]({})  # compiles prefill and the decode step
@@ -112,29 +147,53 @@ def bench_kv_cache(args) -> list[dict]:
                 run[d](stats)
                 timed[d].append(stats["decode_tokens"] / stats["decode_s"])
         for d in KV_CACHE_DTYPES:
-            rows.append(dict(model=args.attention_model, cache_len=T, kv_cache_dtype=d, batch=args.batch,
-                             decode_tok_s=statistics.median(timed[d]),
-                             kv_bytes_per_device=cache_bytes_per_device(model, args.batch, T, kv_cache_dtype=d)))
-            print(f"  kv_cache {d} T={T}: decode {rows[-1]['decode_tok_s']:,.0f} tok/s, "
-                  f"KV {rows[-1]['kv_bytes_per_device'] / 2**20:.1f} MiB/dev", file=sys.stderr)
+            rows.append(
+                dict(
+                    model=args.attention_model,
+                    cache_len=T,
+                    kv_cache_dtype=d,
+                    batch=args.batch,
+                    decode_tok_s=statistics.median(timed[d]),
+                    kv_bytes_per_device=cache_bytes_per_device(model, args.batch, T, kv_cache_dtype=d),
+                )
+            )
+            print(
+                f"  kv_cache {d} T={T}: decode {rows[-1]['decode_tok_s']:,.0f} tok/s, "
+                f"KV {rows[-1]['kv_bytes_per_device'] / 2**20:.1f} MiB/dev",
+                file=sys.stderr,
+            )
         jax.clear_caches()
     return rows
 
 
 def summarise_kv_cache(rows: list[dict]) -> tuple[str, dict, str]:
     by = {(r["kv_cache_dtype"], r["cache_len"]): r for r in rows}
-    out = {T: dict(bytes=by["int8", T]["kv_bytes_per_device"] / by["bf16", T]["kv_bytes_per_device"],
-                   decode=by["int8", T]["decode_tok_s"] / by["bf16", T]["decode_tok_s"])
-           for (d, T) in by if d == "bf16" and ("int8", T) in by}
+    out = {
+        T: dict(
+            bytes=by["int8", T]["kv_bytes_per_device"] / by["bf16", T]["kv_bytes_per_device"],
+            decode=by["int8", T]["decode_tok_s"] / by["bf16", T]["decode_tok_s"],
+        )
+        for (d, T) in by
+        if d == "bf16" and ("int8", T) in by
+    }
     lines = ["| cache length | int8/bf16 KV bytes | int8/bf16 decode tok/s |", "|---|---|---|"]
     lines += [f"| {T} | {r['bytes']:.3f} | {r['decode']:.2f} |" for T, r in sorted(out.items())]
     return "kv_cache_summary", out, "\n".join(lines)
 
 
-ATTENTION_COLUMNS = [("attention", "attention", ""), ("seq_len", "S", ""), ("batch", "B", ""),
-                     ("step_s", "s/step", ".3f"), ("tokens_per_s", "tokens/s", ",.0f"),
-                     ("temp_bytes_per_device", "temp MiB/dev", lambda v: f"{v / 2**20:.1f}"),
-                     ("compile_s", "compile s", ".1f")]
-KV_CACHE_COLUMNS = [("cache_len", "cache length", ""), ("kv_cache_dtype", "KV cache", ""), ("batch", "B", ""),
-                    ("decode_tok_s", "decode tok/s", ",.0f"),
-                    ("kv_bytes_per_device", "KV MiB/dev", lambda v: f"{v / 2**20:.2f}")]
+ATTENTION_COLUMNS = [
+    ("attention", "attention", ""),
+    ("seq_len", "S", ""),
+    ("batch", "B", ""),
+    ("step_s", "s/step", ".3f"),
+    ("tokens_per_s", "tokens/s", ",.0f"),
+    ("temp_bytes_per_device", "temp MiB/dev", lambda v: f"{v / 2**20:.1f}"),
+    ("compile_s", "compile s", ".1f"),
+]
+KV_CACHE_COLUMNS = [
+    ("cache_len", "cache length", ""),
+    ("kv_cache_dtype", "KV cache", ""),
+    ("batch", "B", ""),
+    ("decode_tok_s", "decode tok/s", ",.0f"),
+    ("kv_bytes_per_device", "KV MiB/dev", lambda v: f"{v / 2**20:.2f}"),
+]

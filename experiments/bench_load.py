@@ -49,16 +49,32 @@ import time
 
 import numpy as np
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-SHAPE = dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=8, intermediate_size=5632,
-             vocab_size=32000)
-SMALL = dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=8, intermediate_size=128, vocab_size=512,
-             num_hidden_layers=2)
+SHAPE = dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=8, intermediate_size=5632, vocab_size=32000)
+SMALL = dict(
+    hidden_size=64,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    intermediate_size=128,
+    vocab_size=512,
+    num_hidden_layers=2,
+)
 SHARD_FILES = 3  # a sharded checkpoint with an index, as real uploads of this size come
 ROWS = [("jaxtp", "f32"), ("jaxtp", "bf16"), ("jaxtp", "int8"), ("transformers", "f32"), ("transformers", "bf16")]
 RATIO_TARGET = 1.15
-COLUMNS = ("impl", "precision", "seconds", "ready_s", "gb_per_s", "final_gb", "peak_growth_gb", "transient_gb",
-           "ratio", "cpu_s", "sys_s", "resident_gb")
+COLUMNS = (
+    "impl",
+    "precision",
+    "seconds",
+    "ready_s",
+    "gb_per_s",
+    "final_gb",
+    "peak_growth_gb",
+    "transient_gb",
+    "ratio",
+    "cpu_s",
+    "sys_s",
+    "resident_gb",
+)
 
 
 def tensor_shapes(shape: dict) -> dict[str, tuple[int, ...]]:
@@ -69,11 +85,17 @@ def tensor_shapes(shape: dict) -> dict[str, tuple[int, ...]]:
     out = {"model.embed_tokens.weight": (V, D)}
     for i in range(shape["num_hidden_layers"]):
         p = f"model.layers.{i}."
-        out |= {p + "input_layernorm.weight": (D,), p + "post_attention_layernorm.weight": (D,),
-                p + "self_attn.q_proj.weight": (q, D), p + "self_attn.k_proj.weight": (kv, D),
-                p + "self_attn.v_proj.weight": (kv, D), p + "self_attn.o_proj.weight": (D, q),
-                p + "mlp.gate_proj.weight": (F, D), p + "mlp.up_proj.weight": (F, D),
-                p + "mlp.down_proj.weight": (D, F)}
+        out |= {
+            p + "input_layernorm.weight": (D,),
+            p + "post_attention_layernorm.weight": (D,),
+            p + "self_attn.q_proj.weight": (q, D),
+            p + "self_attn.k_proj.weight": (kv, D),
+            p + "self_attn.v_proj.weight": (kv, D),
+            p + "self_attn.o_proj.weight": (D, q),
+            p + "mlp.gate_proj.weight": (F, D),
+            p + "mlp.up_proj.weight": (F, D),
+            p + "mlp.down_proj.weight": (D, F),
+        }
     return out | {"model.norm.weight": (D,), "lm_head.weight": (V, D)}
 
 
@@ -94,9 +116,20 @@ def write_checkpoint(directory: pathlib.Path, shape: dict, seed: int = 0) -> pat
     if (directory / "complete").exists():
         return directory
     directory.mkdir(parents=True, exist_ok=True)
-    config = dict(architectures=["LlamaForCausalLM"], model_type="llama", **shape, hidden_act="silu",
-                  max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False,
-                  attention_bias=False, mlp_bias=False, dtype="bfloat16", torch_dtype="bfloat16")
+    config = dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        **shape,
+        hidden_act="silu",
+        max_position_embeddings=2048,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        mlp_bias=False,
+        dtype="bfloat16",
+        torch_dtype="bfloat16",
+    )
     (directory / "config.json").write_text(json.dumps(config, indent=1))  # by hand: importing transformers is slow
     shapes = tensor_shapes(shape)
     groups, size, limit = [[]], 0, sum(2 * math.prod(s) for s in shapes.values()) / SHARD_FILES
@@ -118,7 +151,8 @@ def write_checkpoint(directory: pathlib.Path, shape: dict, seed: int = 0) -> pat
         del tensors
     total = sum(2 * math.prod(s) for s in shapes.values())
     (directory / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
     (directory / "complete").write_text("")
     return directory
 
@@ -146,6 +180,7 @@ def _rss() -> tuple[int, int]:
         return kb("VmRSS"), kb("VmHWM")
     except OSError:  # no procfs: whole-process peak (the child does nothing heavier before the load)
         import psutil
+
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         return psutil.Process().memory_info().rss, peak * (1 if sys.platform == "darwin" else 1024)
 
@@ -167,11 +202,11 @@ def _reset_peak():
 
 def child(impl: str, precision: str, ckpt: str, mesh_spec: str) -> dict:
     if impl == "jaxtp":
-        sys.path.insert(0, str(ROOT))
         import jax
+        from flax import nnx
 
         import jaxtp
-        from flax import nnx
+
         jaxtp.use_cpu_devices(math.prod(jaxtp.mesh.parse_mesh_spec(mesh_spec).values()))
         mesh = jaxtp.make_mesh(mesh_spec)
         load = lambda: jax.block_until_ready(jaxtp.hf.load(ckpt, mesh, precision=precision))
@@ -181,7 +216,8 @@ def child(impl: str, precision: str, ckpt: str, mesh_spec: str) -> dict:
     else:
         import torch
         import transformers
-        transformers.LlamaForCausalLM  # resolve the lazy import now, not inside the timed call
+
+        _ = transformers.LlamaForCausalLM  # resolve the lazy import now, not inside the timed call
         dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[precision]
         load = lambda: transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype)
         leaves = lambda m: [*m.parameters(), *m.buffers()]
@@ -198,9 +234,18 @@ def child(impl: str, precision: str, ckpt: str, mesh_spec: str) -> dict:
     arrays = leaves(model)
     touch(arrays)
     ready = time.perf_counter() - t
-    return dict(seconds=seconds, ready_s=ready, **cpu, rss_before=before, rss_after=after, peak_rss=peak, peak_growth=peak - before,
-                resident=_rss()[0] - before, final_bytes=sum(host(x) for x in arrays),
-                model_bytes=sum(int(x.nbytes) for x in arrays))
+    return dict(
+        seconds=seconds,
+        ready_s=ready,
+        **cpu,
+        rss_before=before,
+        rss_after=after,
+        peak_rss=peak,
+        peak_growth=peak - before,
+        resident=_rss()[0] - before,
+        final_bytes=sum(host(x) for x in arrays),
+        model_bytes=sum(int(x.nbytes) for x in arrays),
+    )
 
 
 def measure(impl: str, precision: str, ckpt: pathlib.Path, mesh: str) -> dict:
@@ -220,11 +265,23 @@ def measure(impl: str, precision: str, ckpt: pathlib.Path, mesh: str) -> dict:
 def summarise(impl, precision, runs, file_bytes) -> dict:
     med = lambda k: statistics.median(r[k] for r in runs)
     seconds, growth, final = med("seconds"), med("peak_growth"), med("final_bytes")
-    return dict(impl=impl, precision=precision, seconds=seconds, ready_s=med("ready_s"),
-                gb_per_s=file_bytes / seconds / 1e9, final_gb=final / 1e9, peak_growth_gb=growth / 1e9,
-                transient_gb=(growth - final) / 1e9, ratio=growth / final, cpu_s=med("cpu_s"),
-                sys_s=med("sys_s"), resident_gb=med("resident") / 1e9,
-                model_bytes=runs[0]["model_bytes"], final_bytes=final, runs=runs)
+    return dict(
+        impl=impl,
+        precision=precision,
+        seconds=seconds,
+        ready_s=med("ready_s"),
+        gb_per_s=file_bytes / seconds / 1e9,
+        final_gb=final / 1e9,
+        peak_growth_gb=growth / 1e9,
+        transient_gb=(growth - final) / 1e9,
+        ratio=growth / final,
+        cpu_s=med("cpu_s"),
+        sys_s=med("sys_s"),
+        resident_gb=med("resident") / 1e9,
+        model_bytes=runs[0]["model_bytes"],
+        final_bytes=final,
+        runs=runs,
+    )
 
 
 def targets(rows: list[dict]) -> list[dict]:
@@ -233,24 +290,45 @@ def targets(rows: list[dict]) -> list[dict]:
     for p in ("f32", "bf16"):
         j, t = by.get(("jaxtp", p)), by.get(("transformers", p))
         if j and t:
-            out += [dict(check=f"{p}: jaxtp seconds <= transformers seconds", value=j["seconds"],
-                         limit=t["seconds"], status="PASS" if j["seconds"] <= t["seconds"] else "MISS"),
-                    dict(check=f"{p}: jaxtp peak growth <= 0.5 x transformers'", value=j["peak_growth_gb"],
-                         limit=0.5 * t["peak_growth_gb"],
-                         status="PASS" if j["peak_growth_gb"] <= 0.5 * t["peak_growth_gb"] else "MISS"),
-                    # Like for like: every weight resident (transformers' bf16 load maps the file and reads
-                    # nothing), and the memory beyond the result (all a loader needs on a host whose devices
-                    # are accelerators; on fake CPU devices the result itself is host memory).
-                    dict(check=f"{p}: jaxtp seconds <= transformers' with every weight read", value=j["ready_s"],
-                         limit=t["ready_s"], status="PASS" if j["ready_s"] <= t["ready_s"] else "MISS"),
-                    dict(check=f"{p}: jaxtp memory beyond the result <= 0.5 x transformers'",
-                         value=j["transient_gb"], limit=0.5 * t["transient_gb"],
-                         status="PASS" if j["transient_gb"] <= 0.5 * t["transient_gb"] else "MISS")]
+            out += [
+                dict(
+                    check=f"{p}: jaxtp seconds <= transformers seconds",
+                    value=j["seconds"],
+                    limit=t["seconds"],
+                    status="PASS" if j["seconds"] <= t["seconds"] else "MISS",
+                ),
+                dict(
+                    check=f"{p}: jaxtp peak growth <= 0.5 x transformers'",
+                    value=j["peak_growth_gb"],
+                    limit=0.5 * t["peak_growth_gb"],
+                    status="PASS" if j["peak_growth_gb"] <= 0.5 * t["peak_growth_gb"] else "MISS",
+                ),
+                # Like for like: every weight resident (transformers' bf16 load maps the file and reads
+                # nothing), and the memory beyond the result (all a loader needs on a host whose devices
+                # are accelerators; on fake CPU devices the result itself is host memory).
+                dict(
+                    check=f"{p}: jaxtp seconds <= transformers' with every weight read",
+                    value=j["ready_s"],
+                    limit=t["ready_s"],
+                    status="PASS" if j["ready_s"] <= t["ready_s"] else "MISS",
+                ),
+                dict(
+                    check=f"{p}: jaxtp memory beyond the result <= 0.5 x transformers'",
+                    value=j["transient_gb"],
+                    limit=0.5 * t["transient_gb"],
+                    status="PASS" if j["transient_gb"] <= 0.5 * t["transient_gb"] else "MISS",
+                ),
+            ]
     for r in rows:
         if r["impl"] == "jaxtp":
-            out.append(dict(check=f"{r['precision']}: jaxtp peak growth / final bytes <= {RATIO_TARGET}",
-                            value=r["ratio"], limit=RATIO_TARGET,
-                            status="PASS" if r["ratio"] <= RATIO_TARGET else "MISS"))
+            out.append(
+                dict(
+                    check=f"{r['precision']}: jaxtp peak growth / final bytes <= {RATIO_TARGET}",
+                    value=r["ratio"],
+                    limit=RATIO_TARGET,
+                    status="PASS" if r["ratio"] <= RATIO_TARGET else "MISS",
+                )
+            )
     return out
 
 
@@ -267,8 +345,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--size-gb", type=float, default=1.0, help="checkpoint size in bf16, 10^9 bytes (default 1)")
     p.add_argument("--small", action="store_true", help="a tiny 2-layer checkpoint instead (seconds; for tests)")
-    p.add_argument("--workdir", default=os.path.join(tempfile.gettempdir(), "jaxtp-bench-load"),
-                   help="where checkpoints are written and reused (default: a folder in the temp dir)")
+    p.add_argument(
+        "--workdir",
+        default=os.path.join(tempfile.gettempdir(), "jaxtp-bench-load"),
+        help="where checkpoints are written and reused (default: a folder in the temp dir)",
+    )
     p.add_argument("--mesh", default="1x8", help="jaxtp mesh spec (data x model); that many fake CPU devices")
     p.add_argument("--repeats", type=int, default=3, help="runs per row, in round-robin rounds (default 3)")
     p.add_argument("--rows", default=",".join(f"{i}:{p}" for i, p in ROWS), help="comma list of impl:precision")
@@ -288,23 +369,36 @@ def main(argv=None) -> dict:
     ckpt = write_checkpoint(pathlib.Path(args.workdir) / name, shape)
     file_bytes = weight_bytes(ckpt)
     params = sum(math.prod(s) for s in tensor_shapes(shape).values())
-    print(f"checkpoint {name}: {params / 1e6:.1f}M params, {file_bytes / 1e9:.3f} GB bf16 "
-          f"({time.perf_counter() - t:.0f}s to write or find)", file=sys.stderr)
+    print(
+        f"checkpoint {name}: {params / 1e6:.1f}M params, {file_bytes / 1e9:.3f} GB bf16 "
+        f"({time.perf_counter() - t:.0f}s to write or find)",
+        file=sys.stderr,
+    )
     warm_page_cache(ckpt)
     rows = [tuple(r.split(":")) for r in args.rows.split(",")]
     runs = {r: [] for r in rows}
     for i in range(args.repeats):
         for impl, precision in rows:
             runs[impl, precision].append(m := measure(impl, precision, ckpt, args.mesh))
-            print(f"round {i + 1}/{args.repeats} {impl} {precision}: {m['seconds']:.2f}s, "
-                  f"peak +{m['peak_growth'] / 1e9:.3f} GB", file=sys.stderr)
+            print(
+                f"round {i + 1}/{args.repeats} {impl} {precision}: {m['seconds']:.2f}s, "
+                f"peak +{m['peak_growth'] / 1e9:.3f} GB",
+                file=sys.stderr,
+            )
     results = [summarise(*r, runs[r], file_bytes) for r in rows]
     checks = targets(results)
     print(table(results, checks))
-    out = dict(checkpoint=dict(name=name, shape=shape, params=params, file_bytes=file_bytes,
-                               files=len(list(ckpt.glob("*.safetensors")))),
-               mesh=args.mesh, repeats=args.repeats, cpu_count=os.cpu_count(), rows=results, targets=checks,
-               bytes_note="gb_per_s = checkpoint bytes on disk (bf16 .safetensors) / seconds, read from page cache")
+    out = dict(
+        checkpoint=dict(
+            name=name, shape=shape, params=params, file_bytes=file_bytes, files=len(list(ckpt.glob("*.safetensors")))
+        ),
+        mesh=args.mesh,
+        repeats=args.repeats,
+        cpu_count=os.cpu_count(),
+        rows=results,
+        targets=checks,
+        bytes_note="gb_per_s = checkpoint bytes on disk (bf16 .safetensors) / seconds, read from page cache",
+    )
     pathlib.Path(args.out).write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}", file=sys.stderr)
     return out

@@ -18,9 +18,7 @@ import pathlib
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-
-import jaxtp  # noqa: E402
+import jaxtp
 
 DEVICES = 8
 
@@ -51,8 +49,12 @@ def main(argv=None) -> int:
     for spec in args.meshes:
         for L in args.layers:
             for scan in (False, True):
-                row = {"mesh": spec, "n_layers": L, "scan_layers": scan,
-                       **measure(base.replace(n_layers=L, scan_layers=scan), spec)}
+                row = {
+                    "mesh": spec,
+                    "n_layers": L,
+                    "scan_layers": scan,
+                    **measure(base.replace(n_layers=L, scan_layers=scan), spec),
+                }
                 rows.append(row)
                 print(json.dumps(row), file=sys.stderr, flush=True)
     width = {k: v for k, v in base.to_dict().items() if k not in ("n_layers", "scan_layers")}

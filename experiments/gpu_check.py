@@ -38,25 +38,27 @@ import statistics
 import sys
 import time
 
+import jax  # imported, not initialised: the memory fraction below can still be set
+import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-import jax  # noqa: E402  (imported, not initialised: the memory fraction below can still be set)
-import jax.numpy as jnp  # noqa: E402
-import jaxtp  # noqa: E402
-from jaxtp import data, measure, train  # noqa: E402
-from jaxtp.generate import cache_bytes_per_device  # noqa: E402
-from jaxtp.measure import matmul_peak_flops, timed_train_step  # noqa: E402
+import jaxtp
+from jaxtp import data, measure, train
+from jaxtp.generation import cache_bytes_per_device
+from jaxtp.measure import matmul_peak_flops, timed_train_step
 
 DECODE_TARGET = 1.6  # int8 / bf16 decode tokens/s, at least
-GiB = 2 ** 30
+GiB = 2**30
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", "--dry-run", action="store_true",
-                   help="tiny preset and small shapes: runs the same code path on CPU in seconds")
+    p.add_argument(
+        "--tiny",
+        "--dry-run",
+        action="store_true",
+        help="tiny preset and small shapes: runs the same code path on CPU in seconds",
+    )
     p.add_argument("--batch", type=int, help="train: global batch (default 2; --tiny 4)")
     p.add_argument("--seq-len", type=int, help="train: tokens per sequence (default 2048; --tiny 64)")
     p.add_argument("--warmup", type=int, default=3, help="train: warm-up steps, the first included (default 3)")
@@ -97,6 +99,7 @@ def model_config(args):
 
 # ------------------------------------------------------------------------------------------- train
 
+
 def timed_step(trainer, batch) -> tuple[float, float]:
     """(seconds, loss) of one step, until params, optimizer state and metrics are ready."""
     seconds, metrics = timed_train_step(trainer, batch)
@@ -113,9 +116,13 @@ def train_check(cfg, mesh, args) -> tuple[dict, object]:
     """Part (a); returns its results and the model (for part (b))."""
     hw = jaxtp.HARDWARE[args.hardware]
     B, S = args.batch, args.seq_len
-    out = dict(batch=B, seq_len=S, tokens_per_step=B * S, params=cfg.param_count(),
-               predicted_memory_per_device=jaxtp.plan(cfg, mesh, batch_size=B, seq_len=S,
-                                                      hardware=hw).memory["total"])
+    out = dict(
+        batch=B,
+        seq_len=S,
+        tokens_per_step=B * S,
+        params=cfg.param_count(),
+        predicted_memory_per_device=jaxtp.plan(cfg, mesh, batch_size=B, seq_len=S, hardware=hw).memory["total"],
+    )
     measured_peak = matmul_peak_flops(args.peak_n, repeats=10, dtype=jnp.bfloat16)
     t = time.perf_counter()
     model = jaxtp.Transformer.create(cfg, mesh, seed=0)
@@ -132,16 +139,25 @@ def train_check(cfg, mesh, args) -> tuple[dict, object]:
     runs = [timed_step(trainer, batch()) for _ in range(args.steps)]
     step_s = statistics.median(s for s, _ in runs)
     flops = train.train_flops_per_step(cfg, B, S)
-    out.update(step_s_median=step_s, step_times_s=[s for s, _ in runs], final_loss=runs[-1][1],
-               tokens_per_s=B * S / step_s, flops_per_step=flops, flops_per_s=flops / step_s,
-               peak_flops_per_s=hw.flops_per_s, peak_source=f"{hw.name} dense bf16, {hw.source}",
-               mfu=flops / step_s / hw.flops_per_s, measured_peak_flops_per_s=measured_peak,
-               measured_peak_what=f"bf16 {args.peak_n}^3 matmul, median of 10",
-               mfu_vs_measured=flops / step_s / measured_peak)
+    out.update(
+        step_s_median=step_s,
+        step_times_s=[s for s, _ in runs],
+        final_loss=runs[-1][1],
+        tokens_per_s=B * S / step_s,
+        flops_per_step=flops,
+        flops_per_s=flops / step_s,
+        peak_flops_per_s=hw.flops_per_s,
+        peak_source=f"{hw.name} dense bf16, {hw.source}",
+        mfu=flops / step_s / hw.flops_per_s,
+        measured_peak_flops_per_s=measured_peak,
+        measured_peak_what=f"bf16 {args.peak_n}^3 matmul, median of 10",
+        mfu_vs_measured=flops / step_s / measured_peak,
+    )
     return out, trainer.model
 
 
 # ------------------------------------------------------------------------------------------ decode
+
 
 def generate_timed(model, prompt, new_tokens: int) -> dict:
     stats = {}
@@ -158,19 +174,28 @@ def decode_check(model, args) -> dict:
     for name, m in models.items():
         t = time.perf_counter()
         generate_timed(m, prompt, args.new_tokens)  # compiles prefill and the decode step
-        out[name] = dict(first_call_s=time.perf_counter() - t,
-                         param_bytes_per_device=jaxtp.param_table(m).bytes_per_device)
+        out[name] = dict(
+            first_call_s=time.perf_counter() - t, param_bytes_per_device=jaxtp.param_table(m).bytes_per_device
+        )
     runs = {name: [] for name in models}
     for _ in range(args.decode_repeats):
         for name, m in models.items():
             runs[name].append(generate_timed(m, prompt, args.new_tokens))
     for name, stats in runs.items():
-        out[name].update(decode_tok_s=statistics.median(s["decode_tokens"] / s["decode_s"] for s in stats),
-                         decode_step_ms=statistics.median(1e3 * s["decode_s"] / max(s["decode_steps"], 1) for s in stats),
-                         prefill_tok_s=statistics.median(s["prefill_tokens"] / s["prefill_s"] for s in stats))
+        out[name].update(
+            decode_tok_s=statistics.median(s["decode_tokens"] / s["decode_s"] for s in stats),
+            decode_step_ms=statistics.median(1e3 * s["decode_s"] / max(s["decode_steps"], 1) for s in stats),
+            prefill_tok_s=statistics.median(s["prefill_tokens"] / s["prefill_s"] for s in stats),
+        )
     ratio = out["int8"]["decode_tok_s"] / out["bf16"]["decode_tok_s"]
-    out.update(batch=1, prompt_len=args.prompt_len, new_tokens=args.new_tokens, int8_over_bf16=ratio,
-               target=f">= {DECODE_TARGET}", status="PASS" if ratio >= DECODE_TARGET else "MISS")
+    out.update(
+        batch=1,
+        prompt_len=args.prompt_len,
+        new_tokens=args.new_tokens,
+        int8_over_bf16=ratio,
+        target=f">= {DECODE_TARGET}",
+        status="PASS" if ratio >= DECODE_TARGET else "MISS",
+    )
     return out
 
 
@@ -184,17 +209,23 @@ def long_context_step(cfg, mesh, args, attention: str) -> dict:
     """One attention implementation's train step at batch 1 x --long-seq-len."""
     S = args.long_seq_len
     cfg = cfg.replace(attention=attention, max_seq_len=max(cfg.max_seq_len, S))
-    trainer = train.Trainer.create(jaxtp.Transformer.create(cfg, mesh, seed=0),
-                                   train.TrainConfig(batch_size=1, seq_len=S))
+    trainer = train.Trainer.create(
+        jaxtp.Transformer.create(cfg, mesh, seed=0), train.TrainConfig(batch_size=1, seq_len=S)
+    )
     corpus = data.load_corpus("synthetic")
     batch = lambda: data.train_batch(corpus.train, mesh, 1, S, 0, trainer.step)
     out = compile_timed(trainer, batch())
     out["first_step_s"], _ = timed_step(trainer, batch())
     runs = [timed_step(trainer, batch()) for _ in range(args.long_steps)]
-    out.update(step_s_median=statistics.median(s for s, _ in runs), final_loss=runs[-1][1],
-               tokens_per_s=S / statistics.median(s for s, _ in runs))
-    progress(f"long context {attention}: {out['step_s_median'] * 1e3:.1f} ms/step, "
-             f"temp {out['memory_per_device']['temp'] / GiB:.3g} GiB")
+    out.update(
+        step_s_median=statistics.median(s for s, _ in runs),
+        final_loss=runs[-1][1],
+        tokens_per_s=S / statistics.median(s for s, _ in runs),
+    )
+    progress(
+        f"long context {attention}: {out['step_s_median'] * 1e3:.1f} ms/step, "
+        f"temp {out['memory_per_device']['temp'] / GiB:.3g} GiB"
+    )
     return out
 
 
@@ -231,9 +262,12 @@ def kv_cache_check(model, args) -> dict:
             runs[d].append(call(d))
     for d, stats in runs.items():
         out[d]["decode_tok_s"] = statistics.median(s["decode_tokens"] / s["decode_s"] for s in stats)
-    out.update(prompt_len=args.kv_prompt_len, new_tokens=args.new_tokens,
-               int8_over_bf16_tok_s=out["int8"]["decode_tok_s"] / out["bf16"]["decode_tok_s"],
-               int8_over_bf16_bytes=out["int8"]["kv_bytes_per_device"] / out["bf16"]["kv_bytes_per_device"])
+    out.update(
+        prompt_len=args.kv_prompt_len,
+        new_tokens=args.new_tokens,
+        int8_over_bf16_tok_s=out["int8"]["decode_tok_s"] / out["bf16"]["decode_tok_s"],
+        int8_over_bf16_bytes=out["int8"]["kv_bytes_per_device"] / out["bf16"]["kv_bytes_per_device"],
+    )
     return out
 
 
@@ -269,43 +303,54 @@ def write(results: dict, path: str | None) -> None:
 
 def summary(results: dict) -> str:
     cfg, tr, dec = results["config"], results.get("train", {}), results.get("decode", {})
-    lines = [f"gpu_check: {results['meta']['devices']} x {results['meta']['device_kind']}, jax {results['meta']['jax']}"]
+    lines = [
+        f"gpu_check: {results['meta']['devices']} x {results['meta']['device_kind']}, jax {results['meta']['jax']}"
+    ]
     if "error" in tr:
         lines.append(f"train: ERROR {tr['error'][:300]}")
     elif tr:
-        lines += [f"train {results['meta']['preset']} ({tr['params']:,} params), f32 Adam masters, "
-                  f"{cfg['compute_dtype']} compute, B={tr['batch']} S={tr['seq_len']} on 1x1:",
-                  f"  compile {tr['compile_s']:.1f} s (trace+lower {tr['trace_lower_s']:.1f} + XLA "
-                  f"{tr['xla_compile_s']:.1f}), first step {tr['first_step_s']:.2f} s",
-                  f"  step {tr['step_s_median'] * 1e3:.1f} ms (median of {len(tr['step_times_s'])}), "
-                  f"{tr['tokens_per_s']:,.0f} tok/s, {tr['flops_per_s'] / 1e12:.3g} TFLOP/s",
-                  f"  MFU {tr['mfu']:.1%} of {tr['peak_flops_per_s'] / 1e12:.0f} TFLOP/s ({tr['peak_source']}); "
-                  f"{tr['mfu_vs_measured']:.1%} of measured {tr['measured_peak_flops_per_s'] / 1e12:.3g} TFLOP/s "
-                  f"({tr['measured_peak_what']})",
-                  f"  memory/device: XLA {tr['memory_per_device']['total'] / GiB:.3g} GiB "
-                  f"(temp {tr['memory_per_device']['temp'] / GiB:.3g}), plan predicted "
-                  f"{tr['predicted_memory_per_device'] / GiB:.3g} GiB"]
+        lines += [
+            f"train {results['meta']['preset']} ({tr['params']:,} params), f32 Adam masters, "
+            f"{cfg['compute_dtype']} compute, B={tr['batch']} S={tr['seq_len']} on 1x1:",
+            f"  compile {tr['compile_s']:.1f} s (trace+lower {tr['trace_lower_s']:.1f} + XLA "
+            f"{tr['xla_compile_s']:.1f}), first step {tr['first_step_s']:.2f} s",
+            f"  step {tr['step_s_median'] * 1e3:.1f} ms (median of {len(tr['step_times_s'])}), "
+            f"{tr['tokens_per_s']:,.0f} tok/s, {tr['flops_per_s'] / 1e12:.3g} TFLOP/s",
+            f"  MFU {tr['mfu']:.1%} of {tr['peak_flops_per_s'] / 1e12:.0f} TFLOP/s ({tr['peak_source']}); "
+            f"{tr['mfu_vs_measured']:.1%} of measured {tr['measured_peak_flops_per_s'] / 1e12:.3g} TFLOP/s "
+            f"({tr['measured_peak_what']})",
+            f"  memory/device: XLA {tr['memory_per_device']['total'] / GiB:.3g} GiB "
+            f"(temp {tr['memory_per_device']['temp'] / GiB:.3g}), plan predicted "
+            f"{tr['predicted_memory_per_device'] / GiB:.3g} GiB",
+        ]
     if "error" in dec:
         lines.append(f"decode: ERROR {dec['error'][:300]}")
     elif dec:
         lines += [f"decode batch 1, prompt {dec['prompt_len']} + {dec['new_tokens']} new, greedy:"] + [
             f"  {p}: {dec[p]['decode_tok_s']:,.0f} tok/s ({dec[p]['decode_step_ms']:.2f} ms/token), "
             f"weights {dec[p]['param_bytes_per_device'] / GiB:.3g} GiB, first call {dec[p]['first_call_s']:.1f} s"
-            for p in ("bf16", "int8")]
+            for p in ("bf16", "int8")
+        ]
         lines.append(f"  int8/bf16 {dec['int8_over_bf16']:.2f} (target {dec['target']}): {dec['status']}")
     long = results.get("long_context", {})
     if long:
         lines.append(f"long context, batch 1 x {long['seq_len']}:")
-        lines += [f"  {a}: ERROR {long[a]['error'][:200]}" if "error" in long.get(a, {}) else
-                  f"  {a}: {long[a]['step_s_median'] * 1e3:.1f} ms/step, {long[a]['tokens_per_s']:,.0f} tok/s, "
-                  f"temp {long[a]['memory_per_device']['temp'] / GiB:.3g} GiB" for a in LONG_ATTENTION if a in long]
+        lines += [
+            f"  {a}: ERROR {long[a]['error'][:200]}"
+            if "error" in long.get(a, {})
+            else f"  {a}: {long[a]['step_s_median'] * 1e3:.1f} ms/step, {long[a]['tokens_per_s']:,.0f} tok/s, "
+            f"temp {long[a]['memory_per_device']['temp'] / GiB:.3g} GiB"
+            for a in LONG_ATTENTION
+            if a in long
+        ]
     kv = results.get("kv_cache", {})
     if "error" in kv:
         lines.append(f"kv cache: ERROR {kv['error'][:300]}")
     elif kv:
         lines += [f"kv cache, prompt {kv['prompt_len']} + {kv['new_tokens']} new, bf16 weights:"] + [
             f"  {d}: {kv[d]['decode_tok_s']:,.0f} tok/s, KV {kv[d]['kv_bytes_per_device'] / GiB:.3g} GiB/device"
-            for d in KV_CACHE_DTYPES]
+            for d in KV_CACHE_DTYPES
+        ]
         lines.append(f"  int8/bf16: {kv['int8_over_bf16_tok_s']:.2f}x tok/s, {kv['int8_over_bf16_bytes']:.3f}x bytes")
     lines.append(f"total {results['total_s']:.0f} s")
     return "\n".join(lines)
@@ -319,10 +364,18 @@ def main(argv=None) -> dict:
     cfg = model_config(args)
     mesh = jaxtp.make_mesh("1x1")
     device = jax.devices()[0]
-    results = {"meta": dict(jax=jax.__version__, python=platform.python_version(), backend=jax.default_backend(),
-                            devices=len(jax.devices()), device_kind=device.device_kind,
-                            preset="tiny" if args.tiny else "1b", args=vars(args)),
-               "config": cfg.to_dict()}
+    results = {
+        "meta": dict(
+            jax=jax.__version__,
+            python=platform.python_version(),
+            backend=jax.default_backend(),
+            devices=len(jax.devices()),
+            device_kind=device.device_kind,
+            preset="tiny" if args.tiny else "1b",
+            args=vars(args),
+        ),
+        "config": cfg.to_dict(),
+    }
     progress(f"{results['meta']['device_kind']}, jax {jax.__version__}")
     trained = attempt(results, "train", train_check, cfg, mesh, args)
     if trained:

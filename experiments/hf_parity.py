@@ -12,14 +12,11 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import sys
 import tempfile
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+from hf_tiny import VARIANTS, VOCAB, make_all  # this directory is on sys.path when run as a script
 
-import jaxtp  # noqa: E402
-from hf_tiny import VARIANTS, VOCAB, make_all  # noqa: E402
+import jaxtp
 
 
 def main(argv=None):
@@ -38,17 +35,31 @@ def main(argv=None):
         for kind, (directory, model) in make_all(root).items():
             with torch.no_grad():
                 ref = model(torch.tensor(prompt_BS, dtype=torch.long)).logits.numpy()
-                greedy = model.generate(torch.tensor(prompt_BS, dtype=torch.long), max_new_tokens=32, do_sample=False,
-                                        eos_token_id=None, pad_token_id=0).numpy()[:, prompt_BS.shape[1]:]
+                greedy = model.generate(
+                    torch.tensor(prompt_BS, dtype=torch.long),
+                    max_new_tokens=32,
+                    do_sample=False,
+                    eos_token_id=None,
+                    pad_token_id=0,
+                ).numpy()[:, prompt_BS.shape[1] :]
             for mesh in args.meshes.split(","):
                 ours = jaxtp.hf.load(directory, jaxtp.make_mesh(mesh))
                 logits = np.asarray(ours(jax.numpy.asarray(prompt_BS)))[..., :VOCAB]
                 tokens = jaxtp.generate(ours, prompt_BS, max_new_tokens=32, temperature=0.0)
-                rows.append({"variant": kind, "architecture": VARIANTS[kind][1], "mesh": mesh,
-                             "max_rel_error": float(np.max(np.abs(logits - ref)) / np.max(np.abs(ref))),
-                             "greedy_32_identical": bool(np.array_equal(tokens, greedy))})
-                print(f"{kind:8s} {mesh:4s} max rel error {rows[-1]['max_rel_error']:.2e}  "
-                      f"greedy 32 identical: {rows[-1]['greedy_32_identical']}", flush=True)
+                rows.append(
+                    {
+                        "variant": kind,
+                        "architecture": VARIANTS[kind][1],
+                        "mesh": mesh,
+                        "max_rel_error": float(np.max(np.abs(logits - ref)) / np.max(np.abs(ref))),
+                        "greedy_32_identical": bool(np.array_equal(tokens, greedy)),
+                    }
+                )
+                print(
+                    f"{kind:8s} {mesh:4s} max rel error {rows[-1]['max_rel_error']:.2e}  "
+                    f"greedy 32 identical: {rows[-1]['greedy_32_identical']}",
+                    flush=True,
+                )
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(rows, indent=2))
 

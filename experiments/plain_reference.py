@@ -31,14 +31,23 @@ def rope(x_BSNH, theta):
     S, H = x_BSNH.shape[1], x_BSNH.shape[-1]
     angle_SH = np.arange(S)[:, None] * theta ** (-np.arange(0, H // 2) * 2.0 / H)
     sin, cos = jnp.sin(angle_SH)[:, None], jnp.cos(angle_SH)[:, None]
-    x1, x2 = x_BSNH[..., : H // 2], x_BSNH[..., H // 2:]
+    x1, x2 = x_BSNH[..., : H // 2], x_BSNH[..., H // 2 :]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
 
 
 def param_specs(cfg, model_size: int) -> dict:
     kv = "model" if cfg.n_kv_heads % model_size == 0 else None
-    layer = dict(norm1=P(), norm2=P(), wq=P(None, "model"), wk=P(None, kv), wv=P(None, kv), wo=P("model", None),
-                 wg=P(None, "model"), wu=P(None, "model"), wd=P("model", None))
+    layer = dict(
+        norm1=P(),
+        norm2=P(),
+        wq=P(None, "model"),
+        wk=P(None, kv),
+        wv=P(None, kv),
+        wo=P("model", None),
+        wg=P(None, "model"),
+        wu=P(None, "model"),
+        wd=P("model", None),
+    )
     return dict(embed=P("model", None), head=P(None, "model"), norm=P(), layers=[layer] * cfg.n_layers)
 
 
@@ -46,9 +55,20 @@ def init_params(cfg, key) -> dict:
     D, N, K, H, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
     keys = iter(jax.random.split(key, 2 + 7 * cfg.n_layers))
     normal = lambda *shape: cfg.init_std * jax.random.normal(next(keys), shape)
-    layers = [dict(norm1=jnp.ones(D), norm2=jnp.ones(D), wq=normal(D, N * H), wk=normal(D, K * H),
-                   wv=normal(D, K * H), wo=normal(N * H, D), wg=normal(D, F), wu=normal(D, F), wd=normal(F, D))
-              for _ in range(cfg.n_layers)]
+    layers = [
+        dict(
+            norm1=jnp.ones(D),
+            norm2=jnp.ones(D),
+            wq=normal(D, N * H),
+            wk=normal(D, K * H),
+            wv=normal(D, K * H),
+            wo=normal(N * H, D),
+            wg=normal(D, F),
+            wu=normal(D, F),
+            wd=normal(F, D),
+        )
+        for _ in range(cfg.n_layers)
+    ]
     return dict(embed=normal(V, D), head=normal(D, V), norm=jnp.ones(D), layers=layers)
 
 
@@ -78,14 +98,18 @@ class PlainTrainer:
 
     def __init__(self, cfg, mesh, lr=3e-3, weight_decay=0.1, clip_norm=1.0, b1=0.9, b2=0.95, seed=0):
         if cfg.vocab_size % mesh.shape["model"]:
-            raise ValueError(f"plain reference: vocab_size={cfg.vocab_size} does not split over model axis "
-                             f"{mesh.shape['model']}")
+            raise ValueError(
+                f"plain reference: vocab_size={cfg.vocab_size} does not split over model axis {mesh.shape['model']}"
+            )
         specs = param_specs(cfg, mesh.shape["model"])
         shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
-        self.tx = optax.chain(optax.clip_by_global_norm(clip_norm),
-                              optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay))
+        self.tx = optax.chain(
+            optax.clip_by_global_norm(clip_norm), optax.adamw(lr, b1=b1, b2=b2, weight_decay=weight_decay)
+        )
         self.params = jax.jit(lambda: init_params(cfg, jax.random.key(seed)), out_shardings=shardings)()
-        replicate = lambda x: x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, NamedSharding(mesh, P()))
+        replicate = lambda x: (
+            x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, NamedSharding(mesh, P()))
+        )
         self.opt_state = jax.tree.map(replicate, jax.jit(self.tx.init)(self.params))  # step counters: replicated
         self.step = 0
 

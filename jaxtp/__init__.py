@@ -1,35 +1,67 @@
 """jaxtp: tensor-parallel Flax NNX transformers driven by one logical-axis rules table."""
 
-from .config import ModelConfig, PRESETS
-from . import hlo, loss
-from . import data, measure, train
-from .hlo import collectives, Collectives
-from .train import TrainConfig, Trainer
-from .layers import Attention, Block, Embed, Linear, MLP, RMSNorm
-from .mesh import make_mesh, parse_mesh_spec, use_cpu_devices
-from .model import Transformer, param_table, abstract_model
-from .sharding import Layout, MEGATRON, RULE_PRESETS, axis_rules, resolve_rules, spec_for
+from . import checkpoint, data, hf, hlo, loss, measure, planner, quant, train
 from .build import create
+from .checkpoint import load, save
+from .config import PRESETS, ModelConfig
+from .generation import filter_logits, generate, sample_logits
+from .hardware import HARDWARE
+from .hlo import Collectives, collectives
+from .layers import MLP, Attention, Block, Embed, Linear, RMSNorm
+from .mesh import make_mesh, parse_mesh_spec, use_cpu_devices
+from .model import Transformer, abstract_model, param_table
+from .planner import Plan, plan
+from .quant import cast, precision_report
+from .sharding import MEGATRON, RULE_PRESETS, Layout, axis_rules, resolve_rules, spec_for
+from .train import TrainConfig, Trainer
 
 __all__ = [
-    "ModelConfig", "PRESETS", "collectives", "Collectives", "Attention", "Block", "Embed", "Linear", "MLP",
-    "RMSNorm", "make_mesh", "parse_mesh_spec", "use_cpu_devices", "Transformer", "param_table",
-    "abstract_model", "Layout", "MEGATRON", "RULE_PRESETS", "axis_rules", "create", "resolve_rules", "spec_for",
+    # modules: jaxtp.hf (Hugging Face checkpoints), jaxtp.planner (format_plan, param_infos, ...), ...
+    "checkpoint",
+    "data",
+    "hf",
+    "hlo",
+    "loss",
+    "measure",
+    "planner",
+    "quant",
+    "train",
+    # building and sharding
+    "ModelConfig",
+    "PRESETS",
+    "Transformer",
+    "abstract_model",
+    "create",
+    "Layout",
+    "MEGATRON",
+    "RULE_PRESETS",
+    "axis_rules",
+    "resolve_rules",
+    "spec_for",
+    "make_mesh",
+    "parse_mesh_spec",
+    "use_cpu_devices",
+    # layers
+    "Attention",
+    "Block",
+    "Embed",
+    "Linear",
+    "MLP",
+    "RMSNorm",
+    # training, inspection, precision, generation, checkpoints, planning
+    "TrainConfig",
+    "Trainer",
+    "param_table",
+    "collectives",
+    "Collectives",
+    "cast",
+    "precision_report",
+    "generate",
+    "sample_logits",
+    "filter_logits",
+    "save",
+    "load",
+    "plan",
+    "Plan",
+    "HARDWARE",
 ]
-
-from .generate import generate, sample_logits, filter_logits  # noqa: E402  (jaxtp.generate is the function)
-__all__ += ["generate", "sample_logits", "filter_logits"]
-
-from . import quant  # noqa: E402
-from .quant import cast, precision_report  # noqa: E402
-__all__ += ["quant", "cast", "precision_report"]
-
-from .plan import plan, Plan, HARDWARE  # noqa: E402  (jaxtp.plan is the function; helpers are its attributes)
-__all__ += ["plan", "Plan", "HARDWARE"]
-
-from . import checkpoint  # noqa: E402
-from .checkpoint import save, load  # noqa: E402
-__all__ += ["checkpoint", "save", "load"]
-
-from . import hf  # noqa: E402  (jaxtp.hf.load / save / config / tokenizer: Hugging Face checkpoints)
-__all__ += ["hf"]

@@ -27,6 +27,23 @@ import jax.numpy as jnp
 
 from .config import ATTENTION_CHOICES, DEFAULT_ATTENTION_BLOCK
 
+__all__ = [
+    "AUTO_BLOCKWISE_MIN_ST",
+    "CUDNN_DTYPES",
+    "CUDNN_MAX_HEAD_DIM",
+    "attend",
+    "resolve",
+    "check_implementation",
+    "on_gpu",
+    "visibility",
+    "grouped",
+    "attend_xla",
+    "cudnn_expressible",
+    "attend_cudnn",
+    "attend_blockwise",
+    "flash",
+]
+
 # "auto" picks blockwise once S * T reaches this (where cuDNN does not run). Measured crossover on XLA:CPU:
 # train-step time of the `small` preset at a constant 8192 tokens per batch (B = 8192 / S), xla against
 # blockwise (attention_block 128), S = T = 64 to 2048, timed round-robin: alike at 64 and 128, blockwise
@@ -38,20 +55,44 @@ CUDNN_MAX_HEAD_DIM = 128  # every cuDNN-capable GPU (Hopper and later allow 256)
 
 # ---------------------------------------------------------------------------------------------- dispatch
 
-def attend(q_BSNH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_valid_BT=None, causal: bool = True, mask_BST=None, *,
-           implementation: str = "auto", block: int = DEFAULT_ATTENTION_BLOCK, cudnn_ok: bool = True):
+
+def attend(
+    q_BSNH,
+    k_BTKH,
+    v_BTKH,
+    q_pos_BS,
+    k_pos_BT,
+    k_valid_BT=None,
+    causal: bool = True,
+    mask_BST=None,
+    *,
+    implementation: str = "auto",
+    block: int = DEFAULT_ATTENTION_BLOCK,
+    cudnn_ok: bool = True,
+):
     """Grouped-query attention. Causal by position: key t is visible to query s iff pos_t <= pos_s; with
     causal=False every key is (an encoder). `k_valid_BT` drops padded keys; `mask_BST` (True = may attend,
     broadcastable to [B, S, T]) is any further mask. A query that sees no key averages every value (what
     a -1e30 score fill gives), in all three implementations. `implementation`: auto | xla | blockwise |
     cudnn; `block`: blockwise's block size; `cudnn_ok=False` rules cuDNN out for a reason only the
     caller knows (Attention: kv heads replicated while the query heads are split)."""
-    impl = resolve(implementation, q_BSNH.shape[1], k_BTKH.shape[1],
-                   cudnn_ok and cudnn_expressible(q_BSNH, k_BTKH, k_valid_BT, mask_BST, causal))
+    impl = resolve(
+        implementation,
+        q_BSNH.shape[1],
+        k_BTKH.shape[1],
+        cudnn_ok and cudnn_expressible(q_BSNH, k_BTKH, k_valid_BT, mask_BST, causal),
+    )
     if impl == "cudnn":
         fallback = resolve("auto", q_BSNH.shape[1], k_BTKH.shape[1], False)
-        return attend_cudnn(q_BSNH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, causal,
-                            functools.partial(attend, causal=causal, implementation=fallback, block=block))
+        return attend_cudnn(
+            q_BSNH,
+            k_BTKH,
+            v_BTKH,
+            q_pos_BS,
+            k_pos_BT,
+            causal,
+            functools.partial(attend, causal=causal, implementation=fallback, block=block),
+        )
     if impl == "blockwise":
         return attend_blockwise(q_BSNH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_valid_BT, causal, mask_BST, block)
     return attend_xla(q_BSNH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_valid_BT, causal, mask_BST)
@@ -73,8 +114,10 @@ def check_implementation(implementation: str) -> None:
     if implementation not in ATTENTION_CHOICES:
         raise ValueError(f"attention must be one of {', '.join(ATTENTION_CHOICES)}; got {implementation!r}")
     if implementation == "cudnn" and not on_gpu():
-        raise ValueError(f"attention='cudnn' needs a GPU (the backend is {jax.default_backend()}): "
-                         "use attention='auto' or 'blockwise'")
+        raise ValueError(
+            f"attention='cudnn' needs a GPU (the backend is {jax.default_backend()}): "
+            "use attention='auto' or 'blockwise'"
+        )
 
 
 def on_gpu() -> bool:
@@ -97,6 +140,7 @@ def grouped(q_BSNH, K: int):
 
 # ---------------------------------------------------------------------------------------------- xla
 
+
 def attend_xla(q_BSNH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_valid_BT=None, causal: bool = True, mask_BST=None):
     """All scores at once, masked with -1e30 (a row that sees nothing averages every value); softmax in f32."""
     B, S, N, H = q_BSNH.shape
@@ -111,20 +155,28 @@ def attend_xla(q_BSNH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_valid_BT=None, caus
 
 # ---------------------------------------------------------------------------------------------- cudnn
 
+
 def cudnn_expressible(q_BSNH, k_BTKH, k_valid_BT, mask_BST, causal: bool) -> bool:
     """Whether cuDNN's flash attention can run this call: half precision, a head dim it takes, no padding
     or extra mask (jaxtp's padding is left padding, which its sequence lengths cannot say), and for causal
     attention queries and keys of one sequence (its causal mask is by index; attend_cudnn checks at run
     time that the positions order them the same way)."""
     H = q_BSNH.shape[-1]
-    return (q_BSNH.dtype in CUDNN_DTYPES and H % 8 == 0 and H <= CUDNN_MAX_HEAD_DIM and k_valid_BT is None
-            and mask_BST is None and (not causal or q_BSNH.shape[1] == k_BTKH.shape[1]))
+    return (
+        q_BSNH.dtype in CUDNN_DTYPES
+        and H % 8 == 0
+        and H <= CUDNN_MAX_HEAD_DIM
+        and k_valid_BT is None
+        and mask_BST is None
+        and (not causal or q_BSNH.shape[1] == k_BTKH.shape[1])
+    )
 
 
 def attend_cudnn(q_BSNH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, causal: bool, fallback):
     """cuDNN flash attention (GQA native: k, v stay [B, T, K, H]). Causal by position equals cuDNN's causal
     by index only where queries and keys share positions that increase along the sequence: checked on the
     data, `fallback(q, k, v, q_pos, k_pos)` runs otherwise (both branches compile; one runs)."""
+
     def cudnn(q_BSNH, k_BTKH, v_BTKH):
         return jax.nn.dot_product_attention(q_BSNH, k_BTKH, v_BTKH, is_causal=causal, implementation="cudnn")
 
@@ -136,8 +188,18 @@ def attend_cudnn(q_BSNH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, causal: bool, fallb
 
 # ---------------------------------------------------------------------------------------------- blockwise
 
-def attend_blockwise(q_BSNH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_valid_BT=None, causal: bool = True,
-                     mask_BST=None, block: int = DEFAULT_ATTENTION_BLOCK):
+
+def attend_blockwise(
+    q_BSNH,
+    k_BTKH,
+    v_BTKH,
+    q_pos_BS,
+    k_pos_BT,
+    k_valid_BT=None,
+    causal: bool = True,
+    mask_BST=None,
+    block: int = DEFAULT_ATTENTION_BLOCK,
+):
     """FlashAttention-2 over blocks of `block` queries and keys (S and T padded internally); see flash."""
     B, S, N, H = q_BSNH.shape
     K = k_BTKH.shape[2]
@@ -146,8 +208,9 @@ def attend_blockwise(q_BSNH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_valid_BT=None
     if mask_BST is not None:
         mask_BST = jnp.asarray(mask_BST, bool)
         mask_BST = mask_BST.reshape((1,) * (3 - mask_BST.ndim) + mask_BST.shape)
-    out_BSKGH, lse_BKGS = flash(causal, block, grouped(q_BSNH, K), k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_valid_BT,
-                                mask_BST)
+    out_BSKGH, lse_BKGS = flash(
+        causal, block, grouped(q_BSNH, K), k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_valid_BT, mask_BST
+    )
     # A row that saw no key (lse = -inf) gets xla's answer: the mean of every value.
     saw_BSKG1 = (jnp.moveaxis(lse_BKGS, 3, 1) > -jnp.inf)[..., None]
     mean_B1K1H = jnp.mean(v_BTKH.astype(jnp.float32), axis=1)[:, None, :, None, :].astype(out_BSKGH.dtype)
@@ -159,6 +222,7 @@ class Tiles(NamedTuple):
 
     Padded queries sit at the lowest position (they see nothing causally), padded keys are invalid; a
     mask's axes of size 1 stay broadcast."""
+
     q_BSKGH: jax.Array
     k_BTKH: jax.Array
     v_BTKH: jax.Array
@@ -200,8 +264,19 @@ def tiles(causal: bool, block: int, q_BSKGH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT,
     live_IJ = any_valid_J[None, :] & reaches_IJ
     if mask_BST is not None:
         mask_BST = pad(pad(mask_BST, 1, Sp, False), 2, Tp, False)
-    return Tiles(pad(q_BSKGH, 1, Sp, 0), pad(k_BTKH, 1, Tp, 0), pad(v_BTKH, 1, Tp, 0), pad(q_pos_BS, 1, Sp, lowest),
-                 pad(k_pos_BT, 1, Tp, highest), pad(k_valid_BT, 1, Tp, False), mask_BST, live_IJ, causal, Q, T2)
+    return Tiles(
+        pad(q_BSKGH, 1, Sp, 0),
+        pad(k_BTKH, 1, Tp, 0),
+        pad(v_BTKH, 1, Tp, 0),
+        pad(q_pos_BS, 1, Sp, lowest),
+        pad(k_pos_BT, 1, Tp, highest),
+        pad(k_valid_BT, 1, Tp, False),
+        mask_BST,
+        live_IJ,
+        causal,
+        Q,
+        T2,
+    )
 
 
 def pad(x, axis: int, size: int, value):
@@ -254,8 +329,9 @@ def flash_forward(causal, block, q_BSKGH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_
             m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)  # no visible key yet: keep exp() finite
             p_BKGQT2 = jnp.exp(s_BKGQT2 - m_safe[..., None])
             alpha_BKGQ = jnp.exp(m_BKGQ - m_safe)
-            pv_BKGQH = jnp.einsum("bkgqt,btkh->bkgqh", p_BKGQT2.astype(v_BT2KH.dtype), v_BT2KH,
-                                  preferred_element_type=jnp.float32)
+            pv_BKGQH = jnp.einsum(
+                "bkgqt,btkh->bkgqh", p_BKGQT2.astype(v_BT2KH.dtype), v_BT2KH, preferred_element_type=jnp.float32
+            )
             return m_new, alpha_BKGQ * l_BKGQ + p_BKGQT2.sum(-1), alpha_BKGQ[..., None] * acc_BKGQH + pv_BKGQH
 
         def key_block(j, state):
@@ -274,8 +350,9 @@ def flash_forward(causal, block, q_BSKGH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_
 
 
 def flash_fwd(causal, block, q_BSKGH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_valid_BT, mask_BST):
-    out_BSKGH, lse_BKGS = flash_forward(causal, block, q_BSKGH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_valid_BT,
-                                        mask_BST)
+    out_BSKGH, lse_BKGS = flash_forward(
+        causal, block, q_BSKGH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_valid_BT, mask_BST
+    )
     residuals = (q_BSKGH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_valid_BT, mask_BST, out_BSKGH, lse_BKGS)
     return (out_BSKGH, lse_BKGS), residuals
 
@@ -292,8 +369,9 @@ def flash_bwd(causal, block, residuals, cotangents):
     scale = 1.0 / math.sqrt(H)
     dout_BSKGH = pad(dout_BSKGH, 1, Sp, 0)
     # D - dlse per row: the part of dS common to the whole row.
-    d_BKGS = jnp.einsum("bskgh,bskgh->bkgs", dout_BSKGH.astype(jnp.float32), pad(out_BSKGH, 1, Sp, 0).astype(
-        jnp.float32)) - pad(dlse_BKGS, 3, Sp, 0)
+    d_BKGS = jnp.einsum(
+        "bskgh,bskgh->bkgs", dout_BSKGH.astype(jnp.float32), pad(out_BSKGH, 1, Sp, 0).astype(jnp.float32)
+    ) - pad(dlse_BKGS, 3, Sp, 0)
     lse_BKGS = pad(jnp.where(lse_BKGS == -jnp.inf, 0.0, lse_BKGS), 3, Sp, 0)  # seen nothing: P = 0 anyway
 
     def key_block(j, carry):
@@ -309,26 +387,40 @@ def flash_bwd(causal, block, residuals, cotangents):
             dp_BKGQT2 = jnp.einsum("bqkgh,btkh->bkgqt", do_BQKGH, v_BT2KH, preferred_element_type=jnp.float32)
             ds_BKGQT2 = p_BKGQT2 * (dp_BKGQT2 - take(d_BKGS, 3, i, t.Q)[..., None]) * scale
             dq_BQKGH = take(dq_BSKGH, 1, i, t.Q) + jnp.einsum(
-                "bkgqt,btkh->bqkgh", ds_BKGQT2.astype(k_BT2KH.dtype), k_BT2KH, preferred_element_type=jnp.float32)
-            dk_BT2KH = dk_BT2KH + jnp.einsum("bkgqt,bqkgh->btkh", ds_BKGQT2.astype(q_BQKGH.dtype), q_BQKGH,
-                                             preferred_element_type=jnp.float32)
-            dv_BT2KH = dv_BT2KH + jnp.einsum("bkgqt,bqkgh->btkh", p_BKGQT2.astype(do_BQKGH.dtype), do_BQKGH,
-                                             preferred_element_type=jnp.float32)
+                "bkgqt,btkh->bqkgh", ds_BKGQT2.astype(k_BT2KH.dtype), k_BT2KH, preferred_element_type=jnp.float32
+            )
+            dk_BT2KH = dk_BT2KH + jnp.einsum(
+                "bkgqt,bqkgh->btkh", ds_BKGQT2.astype(q_BQKGH.dtype), q_BQKGH, preferred_element_type=jnp.float32
+            )
+            dv_BT2KH = dv_BT2KH + jnp.einsum(
+                "bkgqt,bqkgh->btkh", p_BKGQT2.astype(do_BQKGH.dtype), do_BQKGH, preferred_element_type=jnp.float32
+            )
             return put(dq_BSKGH, 1, i, t.Q, dq_BQKGH), dk_BT2KH, dv_BT2KH
 
         def query_block(i, state):
             return jax.lax.cond(t.live_IJ[i, j], update, lambda i, state: state, i, state)
 
         zeros_BT2KH = jnp.zeros((B, t.T2, K, H), jnp.float32)
-        dq_BSKGH, dk_BT2KH, dv_BT2KH = jax.lax.fori_loop(0, Sp // t.Q, query_block,
-                                                         (dq_BSKGH, zeros_BT2KH, zeros_BT2KH))
+        dq_BSKGH, dk_BT2KH, dv_BT2KH = jax.lax.fori_loop(
+            0, Sp // t.Q, query_block, (dq_BSKGH, zeros_BT2KH, zeros_BT2KH)
+        )
         return dq_BSKGH, put(dk_BTKH, 1, j, t.T2, dk_BT2KH), put(dv_BTKH, 1, j, t.T2, dv_BT2KH)
 
-    init = (jnp.zeros((B, Sp, K, G, H), jnp.float32), jnp.zeros((B, Tp, K, H), jnp.float32),
-            jnp.zeros((B, Tp, K, H), jnp.float32))
+    init = (
+        jnp.zeros((B, Sp, K, G, H), jnp.float32),
+        jnp.zeros((B, Tp, K, H), jnp.float32),
+        jnp.zeros((B, Tp, K, H), jnp.float32),
+    )
     dq_BSKGH, dk_BTKH, dv_BTKH = jax.lax.fori_loop(0, Tp // t.T2, key_block, init)
-    return (dq_BSKGH[:, :S].astype(q_BSKGH.dtype), dk_BTKH[:, :T].astype(k_BTKH.dtype),
-            dv_BTKH[:, :T].astype(v_BTKH.dtype), None, None, None, None)
+    return (
+        dq_BSKGH[:, :S].astype(q_BSKGH.dtype),
+        dk_BTKH[:, :T].astype(k_BTKH.dtype),
+        dv_BTKH[:, :T].astype(v_BTKH.dtype),
+        None,
+        None,
+        None,
+        None,
+    )
 
 
 flash.defvjp(flash_fwd, flash_bwd)

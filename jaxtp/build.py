@@ -13,8 +13,9 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from .quant import _convert
 from .sharding import axis_rules, module_shardings
+
+__all__ = ["INIT_COMPILER_OPTIONS", "create", "lower_init", "abstract_sharded", "shardings_of"]
 
 # Threefry compiles slowly on XLA:CPU and init runs once: skip backend optimisation (~35% faster).
 INIT_COMPILER_OPTIONS = {"xla_backend_optimization_level": 0}
@@ -31,15 +32,16 @@ def lower_init(fn, mesh, rules=None, seed: int = 0):
     """(graphdef, the lowered init) of `create`: its HLO shows what each device computes."""
     graphdef, state = nnx.split(abstract_sharded(fn, mesh, rules, seed))
     with axis_rules(mesh, rules):
-        init = jax.jit(lambda: nnx.state(_built(fn, seed, "f32")()), out_shardings=shardings_of(state))
+        init = jax.jit(lambda: nnx.state(_built(fn, seed)()), out_shardings=shardings_of(state))
         return graphdef, init.lower()
 
 
-def abstract_sharded(fn, mesh, rules=None, seed: int = 0, precision: str = "f32") -> nnx.Module:
-    """`fn(rngs)` cast to `precision`, with no allocation: every array a ShapeDtypeStruct carrying the
-    sharding `create` gives it. The target of `create`, of checkpoint restores and of jaxtp.hf.load."""
+def abstract_sharded(fn, mesh, rules=None, seed: int = 0) -> nnx.Module:
+    """`fn(rngs)` with no allocation: every array a ShapeDtypeStruct carrying the sharding `create` gives
+    it. The target of `create`, of checkpoint restores and of jaxtp.hf.load (which pass an `fn` that also
+    casts: jaxtp.quant.converting)."""
     with axis_rules(mesh, rules) as layout:
-        abstract = nnx.eval_shape(_built(fn, seed, precision))
+        abstract = nnx.eval_shape(_built(fn, seed))
         shardings = module_shardings(abstract, layout)
     graphdef, state = nnx.split(abstract)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), state, shardings)
@@ -51,12 +53,11 @@ def shardings_of(abstract_state):
     return jax.tree.map(lambda a: a.sharding, abstract_state)
 
 
-def _built(fn, seed: int, precision: str):
+def _built(fn, seed: int):
+    """`fn` as a thunk building from `seed` with Flax's eager sharding off (jit's out_shardings place it)."""
+
     def build():
         with nnx.use_eager_sharding(False):
-            model = fn(nnx.Rngs(seed))
-            return model if precision == "f32" else _convert(model, precision)
+            return fn(nnx.Rngs(seed))
+
     return build
-
-
-__all__ = ["create", "lower_init", "abstract_sharded", "shardings_of"]

@@ -20,34 +20,36 @@ from flax import nnx
 from .build import abstract_sharded
 from .config import ModelConfig
 from .model import Transformer
+from .quant import QUANTISED, converting, precision_of
 from .sharding import Layout
+
+__all__ = ["FORMAT", "TRAIN_FORMAT", "model_meta", "abstract_for", "save", "read_meta", "load", "TrainCheckpoints"]
 
 FORMAT = "jaxtp-model/1"
 TRAIN_FORMAT = "jaxtp-train/1"
 
 
 def _abstract(tree):
+    """ShapeDtypeStructs with the arrays' own shardings: the restore target of a live train state."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
 def model_meta(model) -> dict:
     """The config travels for a Transformer; a module of the user's own is rebuilt by `load(..., build=)`."""
-    from .quant import precision_of
-
     config = dataclasses.asdict(model.cfg) if isinstance(model, Transformer) else None
     return {"format": FORMAT, "config": config, "precision": precision_of(model), "module": type(model).__name__}
 
 
 def abstract_for(meta: dict, mesh, rules=None) -> nnx.Module:
     """An abstract model of the checkpoint's config and precision, sharded for `mesh`."""
-    from .quant import QUANTISED
-
-    cfg = ModelConfig(**{k: v for k, v in meta["config"].items() if k != "head_dim"},
-                      head_dim=meta["config"].get("head_dim"))
+    cfg = ModelConfig(
+        **{k: v for k, v in meta["config"].items() if k != "head_dim"}, head_dim=meta["config"].get("head_dim")
+    )
     layout = Layout.create(cfg, mesh, rules)
     # float precisions live in the config's dtypes; only the int8 storage needs the cast
     precision = meta["precision"] if meta["precision"] in QUANTISED else "f32"
-    return abstract_sharded(lambda rngs: Transformer(cfg, layout=layout, rngs=rngs), mesh, layout, precision=precision)
+    build = converting(lambda rngs: Transformer(cfg, layout=layout, rngs=rngs), precision)
+    return abstract_sharded(build, mesh, layout)
 
 
 def save(path, model, *, force: bool = False) -> pathlib.Path:
@@ -57,12 +59,16 @@ def save(path, model, *, force: bool = False) -> pathlib.Path:
         raise FileExistsError(f"checkpoint path {path} already exists; choose a new path or pass force=True")
     state = nnx.to_pure_dict(nnx.state(model))
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-        ckptr.save(path, ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                            meta=ocp.args.JsonSave(model_meta(model))), force=force)
+        ckptr.save(
+            path,
+            ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(model_meta(model))),
+            force=force,
+        )
     return path
 
 
 def read_meta(path, expect: str = FORMAT) -> dict:
+    """The checkpoint's JSON metadata; one-line errors for a missing, incomplete or foreign checkpoint."""
     path = pathlib.Path(path).absolute()
     meta_file = path / "meta" / "metadata"
     if not path.is_dir():
@@ -70,8 +76,9 @@ def read_meta(path, expect: str = FORMAT) -> dict:
     try:
         meta = json.loads(meta_file.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is not a complete jaxtp checkpoint: cannot read {meta_file.name} "
-                         f"({type(e).__name__})") from None
+        raise ValueError(
+            f"{path} is not a complete jaxtp checkpoint: cannot read {meta_file.name} ({type(e).__name__})"
+        ) from None
     if meta.get("format") != expect:
         raise ValueError(f"{path} holds format {meta.get('format')!r}, expected {expect!r}")
     return meta
@@ -83,8 +90,10 @@ def _restore(path, target_state: dict, what: str) -> dict:
             return ckptr.restore(path, ocp.args.Composite(state=ocp.args.StandardRestore(target_state)))["state"]
     except Exception as e:  # orbax/tensorstore raise many types; the user needs one line
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot restore {what} from {path}: the checkpoint is truncated, corrupted or "
-                         f"incompatible ({type(e).__name__}: {first})") from None
+        raise ValueError(
+            f"cannot restore {what} from {path}: the checkpoint is truncated, corrupted or "
+            f"incompatible ({type(e).__name__}: {first})"
+        ) from None
 
 
 def load(path, mesh, rules=None, *, build=None) -> nnx.Module:
@@ -93,10 +102,12 @@ def load(path, mesh, rules=None, *, build=None) -> nnx.Module:
     path = pathlib.Path(path).absolute()
     meta = read_meta(path)
     if build is not None:
-        abstract = abstract_sharded(build, mesh, rules, precision=meta["precision"])
+        abstract = abstract_sharded(converting(build, meta["precision"]), mesh, rules)
     elif meta.get("config") is None:
-        raise ValueError(f"{path} holds a {meta.get('module', 'module')} of your own, not a Transformer: pass "
-                         "build=lambda rngs: YourModel(..., rngs=rngs), as given to jaxtp.create")
+        raise ValueError(
+            f"{path} holds a {meta.get('module', 'module')} of your own, not a Transformer: pass "
+            "build=lambda rngs: YourModel(..., rngs=rngs), as given to jaxtp.create"
+        )
     else:
         abstract = abstract_for(meta, mesh, rules)
     graphdef, state = nnx.split(abstract)
@@ -111,16 +122,22 @@ class TrainCheckpoints:
     def __init__(self, directory, keep: int = 3):
         self.directory = pathlib.Path(directory).absolute()
         self.manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-            item_names=("state", "meta"))
+            self.directory,
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            item_names=("state", "meta"),
+        )
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, params, opt_state, meta: dict):
         state = {"params": nnx.to_pure_dict(params), "opt_state": opt_state}
-        self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"format": TRAIN_FORMAT, **meta})))
+        self.manager.save(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave({"format": TRAIN_FORMAT, **meta})
+            ),
+        )
 
     def restore(self, params, opt_state, step: int | None = None):
         """Restore into the shardings of the given (freshly built) params and optimizer state."""
@@ -133,8 +150,10 @@ class TrainCheckpoints:
             got = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
         except Exception as e:
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise ValueError(f"cannot resume from {self.directory}/{step}: truncated, corrupted or incompatible "
-                             f"checkpoint ({type(e).__name__}: {first})") from None
+            raise ValueError(
+                f"cannot resume from {self.directory}/{step}: truncated, corrupted or incompatible "
+                f"checkpoint ({type(e).__name__}: {first})"
+            ) from None
         nnx.replace_by_pure_dict(params, got["state"]["params"])
         return step, params, got["state"]["opt_state"], meta
 

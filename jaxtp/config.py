@@ -11,6 +11,19 @@ from typing import Any
 
 import jax.numpy as jnp
 
+__all__ = [
+    "REMAT_CHOICES",
+    "ATTENTION_CHOICES",
+    "DEFAULT_ATTENTION_BLOCK",
+    "DTYPES",
+    "DTYPE_NAMES",
+    "to_dtype",
+    "ModelConfig",
+    "ROPE_TYPES",
+    "normalise_rope_scaling",
+    "PRESETS",
+]
+
 REMAT_CHOICES = ("none", "full", "dots")  # what each keeps: jaxtp.model.REMAT_POLICIES
 ATTENTION_CHOICES = ("auto", "xla", "blockwise", "cudnn")  # jaxtp.attention: what each runs, and auto's rule
 # Blockwise attention's query and key block. Measured on XLA:CPU (train step of the `small` preset, S = 64
@@ -18,6 +31,7 @@ ATTENTION_CHOICES = ("auto", "xla", "blockwise", "cudnn")  # jaxtp.attention: wh
 # the causal skip cuts closer to the diagonal); each block pair's f32 scores are [B, K, G, 128, 128].
 DEFAULT_ATTENTION_BLOCK = 128
 DTYPES = {"float32": jnp.float32, "f32": jnp.float32, "bfloat16": jnp.bfloat16, "bf16": jnp.bfloat16}
+DTYPE_NAMES = {"f32": "float32", "bf16": "bfloat16"}  # a float precision (jaxtp.quant) as a config dtype
 
 
 def to_dtype(name: str | Any):
@@ -63,8 +77,16 @@ class ModelConfig:
     attention_block: int = DEFAULT_ATTENTION_BLOCK  # blockwise's query/key block size
 
     def __post_init__(self):
-        for f in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff", "max_seq_len",
-                  "attention_block"):
+        for f in (
+            "vocab_size",
+            "d_model",
+            "n_layers",
+            "n_heads",
+            "n_kv_heads",
+            "d_ff",
+            "max_seq_len",
+            "attention_block",
+        ):
             v = getattr(self, f)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"ModelConfig.{f} must be a positive integer, got {v!r}")
@@ -72,19 +94,22 @@ class ModelConfig:
             if self.d_model % self.n_heads:
                 raise ValueError(
                     f"ModelConfig: d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
-                    "set head_dim explicitly or change n_heads")
+                    "set head_dim explicitly or change n_heads"
+                )
             object.__setattr__(self, "head_dim", self.d_model // self.n_heads)
         if self.n_heads % self.n_kv_heads:
             raise ValueError(
                 f"ModelConfig: n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads} "
-                "(grouped-query attention shares each kv head among n_heads/n_kv_heads query heads)")
+                "(grouped-query attention shares each kv head among n_heads/n_kv_heads query heads)"
+            )
         to_dtype(self.param_dtype)
         to_dtype(self.compute_dtype)
         if self.remat not in REMAT_CHOICES:
             raise ValueError(f"ModelConfig.remat must be one of {', '.join(REMAT_CHOICES)}; got {self.remat!r}")
         if self.attention not in ATTENTION_CHOICES:
-            raise ValueError(f"ModelConfig.attention must be one of {', '.join(ATTENTION_CHOICES)}; "
-                             f"got {self.attention!r}")
+            raise ValueError(
+                f"ModelConfig.attention must be one of {', '.join(ATTENTION_CHOICES)}; got {self.attention!r}"
+            )
         for f in ("scan_layers", "tie_embeddings", "qkv_bias", "qk_norm"):
             if not isinstance(getattr(self, f), bool):
                 raise ValueError(f"ModelConfig.{f} must be True or False, got {getattr(self, f)!r}")
@@ -140,8 +165,9 @@ def normalise_rope_scaling(scaling) -> tuple | None:
     items = dict(scaling.items() if isinstance(scaling, dict) else (tuple(kv) for kv in scaling))
     kind = items.get("rope_type", "default")
     if kind not in ROPE_TYPES:
-        raise ValueError(f"ModelConfig.rope_scaling: rope_type {kind!r} is not supported; jaxtp implements "
-                         f"{', '.join(ROPE_TYPES)}")
+        raise ValueError(
+            f"ModelConfig.rope_scaling: rope_type {kind!r} is not supported; jaxtp implements {', '.join(ROPE_TYPES)}"
+        )
     if kind == "default":
         return None
     need = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -153,18 +179,51 @@ def normalise_rope_scaling(scaling) -> tuple | None:
 
 PRESETS: dict[str, ModelConfig] = {
     # Tests: 8 heads and d_ff 128 divide every model axis up to 8; 4 kv heads < 8 exercises kv replication on 1x8.
-    "tiny": ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4, d_ff=128,
-                        max_seq_len=64),
+    "tiny": ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4, d_ff=128, max_seq_len=64),
     # run.py default: ~0.8M params, trains to < 2 nats/byte in about two minutes on 2 CPU cores.
-    "small": ModelConfig(vocab_size=256, d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=384,
-                         max_seq_len=128),
+    "small": ModelConfig(vocab_size=256, d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=384, max_seq_len=128),
     # Planning shapes: never allocated on CPU.
-    "gpt2-124m": ModelConfig(vocab_size=50304, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
-                             d_ff=3072, max_seq_len=1024, param_dtype="float32", compute_dtype="bfloat16"),
-    "1b": ModelConfig(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32, n_kv_heads=8, d_ff=8192,
-                      max_seq_len=8192, compute_dtype="bfloat16", rope_theta=500_000.0),
-    "7b": ModelConfig(vocab_size=32000, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32, d_ff=11008,
-                      max_seq_len=4096, compute_dtype="bfloat16"),
-    "70b": ModelConfig(vocab_size=128256, d_model=8192, n_layers=80, n_heads=64, n_kv_heads=8, d_ff=28672,
-                       max_seq_len=8192, compute_dtype="bfloat16", rope_theta=500_000.0),
+    "gpt2-124m": ModelConfig(
+        vocab_size=50304,
+        d_model=768,
+        n_layers=12,
+        n_heads=12,
+        n_kv_heads=12,
+        d_ff=3072,
+        max_seq_len=1024,
+        param_dtype="float32",
+        compute_dtype="bfloat16",
+    ),
+    "1b": ModelConfig(
+        vocab_size=128256,
+        d_model=2048,
+        n_layers=16,
+        n_heads=32,
+        n_kv_heads=8,
+        d_ff=8192,
+        max_seq_len=8192,
+        compute_dtype="bfloat16",
+        rope_theta=500_000.0,
+    ),
+    "7b": ModelConfig(
+        vocab_size=32000,
+        d_model=4096,
+        n_layers=32,
+        n_heads=32,
+        n_kv_heads=32,
+        d_ff=11008,
+        max_seq_len=4096,
+        compute_dtype="bfloat16",
+    ),
+    "70b": ModelConfig(
+        vocab_size=128256,
+        d_model=8192,
+        n_layers=80,
+        n_heads=64,
+        n_kv_heads=8,
+        d_ff=28672,
+        max_seq_len=8192,
+        compute_dtype="bfloat16",
+        rope_theta=500_000.0,
+    ),
 }

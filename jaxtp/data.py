@@ -13,16 +13,34 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import math
 import pathlib
 import sysconfig
 import zlib
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
-VOCAB_SIZE = 256
+from .sharding import Layout, resolve_table
+
+__all__ = [
+    "HELDOUT_EVERY",
+    "STDLIB_SKIP",
+    "encode",
+    "decode",
+    "Corpus",
+    "load_corpus",
+    "tokenize",
+    "synthetic_markov",
+    "window_starts",
+    "batch_sharding",
+    "check_batch",
+    "train_batch",
+    "eval_starts",
+    "eval_batches",
+    "eval_bytes",
+]
+
 HELDOUT_EVERY = 20  # pystdlib: one file in 20 is held out (by a hash of its path)
 STDLIB_SKIP = {"test", "tests", "idlelib", "lib2to3", "site-packages", "__pycache__"}
 
@@ -45,8 +63,10 @@ class Corpus:
 
     def describe(self) -> str:
         if self.heldout_token_bytes is not None:
-            return (f"{self.name}: {len(self.train):,} train tokens, {len(self.heldout):,} held-out tokens "
-                    f"({int(self.heldout_token_bytes.sum()):,} bytes)")
+            return (
+                f"{self.name}: {len(self.train):,} train tokens, {len(self.heldout):,} held-out tokens "
+                f"({int(self.heldout_token_bytes.sum()):,} bytes)"
+            )
         floor = f", entropy floor {self.entropy_floor:.3f} nats/byte" if self.entropy_floor else ""
         return f"{self.name}: {len(self.train):,} train bytes, {len(self.heldout):,} held-out bytes{floor}"
 
@@ -87,7 +107,9 @@ def _text_file(path: str) -> Corpus:
     try:
         raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ValueError(f"data file {path!r} is not UTF-8 text (byte {e.start} is invalid); give a text file")
+        raise ValueError(
+            f"data file {path!r} is not UTF-8 text (byte {e.start} is invalid); give a text file"
+        ) from None
     if b"\x00" in raw:
         raise ValueError(f"data file {path!r} looks binary (contains NUL bytes); give a UTF-8 text file")
     cut = int(len(raw) * 0.9)
@@ -147,16 +169,19 @@ def window_starts(n_bytes: int, seq_len: int, seed: int, step: int, rows: range)
     return np.array([np.random.default_rng((seed, step, r)).integers(0, n_bytes - seq_len - 1) for r in rows])
 
 
-def batch_sharding(mesh) -> NamedSharding:
-    data_axes = tuple(a for a in ("data", "fsdp") if a in mesh.shape and mesh.shape[a] > 1)
-    return NamedSharding(mesh, P(data_axes if data_axes else None))
+def batch_sharding(mesh, rules=None) -> NamedSharding:
+    """Where a global batch goes: rows split as the rules table (default megatron) places "batch" - over
+    data and fsdp in every preset - each window whole."""
+    return Layout(mesh, resolve_table(mesh, rules)).sharding(("batch",))
 
 
-def check_batch(batch_size: int, mesh) -> None:
-    split = math.prod(mesh.shape[a] for a in ("data", "fsdp") if a in mesh.shape)
+def check_batch(batch_size: int, mesh, rules=None) -> None:
+    """A one-line ValueError unless the batch's rows split evenly (see `batch_sharding`)."""
+    split = Layout(mesh, resolve_table(mesh, rules)).split_of("batch")
     if batch_size % split:
-        raise ValueError(f"global batch {batch_size} is not divisible by the data axis size {split}; "
-                         f"use a multiple of {split}")
+        raise ValueError(
+            f"global batch {batch_size} is not divisible by the data axis size {split}; use a multiple of {split}"
+        )
 
 
 def train_batch(data: np.ndarray, mesh, batch_size: int, seq_len: int, seed: int, step: int) -> jax.Array:
@@ -166,7 +191,7 @@ def train_batch(data: np.ndarray, mesh, batch_size: int, seq_len: int, seed: int
     def rows(index):
         r = index[0]
         starts = window_starts(len(data), seq_len, seed, step, range(*r.indices(batch_size)))
-        return np.stack([data[s:s + seq_len + 1] for s in starts]).astype(np.int32)[:, index[1]]
+        return np.stack([data[s : s + seq_len + 1] for s in starts]).astype(np.int32)[:, index[1]]
 
     return jax.make_array_from_callback((batch_size, seq_len + 1), batch_sharding(mesh), rows)
 
@@ -175,8 +200,10 @@ def eval_starts(n_tokens: int, batch_size: int, seq_len: int, max_batches: int =
     """Start offsets of the held-out windows `eval_batches` takes: non-overlapping, in order."""
     n_windows = min((n_tokens - 1) // seq_len, batch_size * max_batches) // batch_size * batch_size
     if n_windows == 0:
-        raise ValueError(f"held-out split has {n_tokens} tokens, too few for one batch of {batch_size} "
-                         f"windows of {seq_len}; use a larger data file or smaller --batch-size/--seq-len")
+        raise ValueError(
+            f"held-out split has {n_tokens} tokens, too few for one batch of {batch_size} "
+            f"windows of {seq_len}; use a larger data file or smaller --batch-size/--seq-len"
+        )
     return np.arange(n_windows) * ((n_tokens - seq_len - 1) // n_windows)
 
 
@@ -186,10 +213,13 @@ def eval_batches(data: np.ndarray, mesh, batch_size: int, seq_len: int, max_batc
     starts = eval_starts(len(data), batch_size, seq_len, max_batches)
     out = []
     for b in range(len(starts) // batch_size):
+
         def rows(index, b=b):
             rs = range(*index[0].indices(batch_size))
-            return np.stack([data[starts[b * batch_size + r]:starts[b * batch_size + r] + seq_len + 1]
-                             for r in rs]).astype(np.int32)[:, index[1]]
+            return np.stack(
+                [data[starts[b * batch_size + r] : starts[b * batch_size + r] + seq_len + 1] for r in rs]
+            ).astype(np.int32)[:, index[1]]
+
         out.append(jax.make_array_from_callback((batch_size, seq_len + 1), batch_sharding(mesh), rows))
     return out
 

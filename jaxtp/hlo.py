@@ -12,12 +12,35 @@ import re
 import jax
 import numpy as np
 
+__all__ = [
+    "KINDS",
+    "Collective",
+    "Collectives",
+    "parse_collectives",
+    "computations",
+    "loop_bodies",
+    "compiled_text",
+    "collectives",
+]
+
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_OP = re.compile(r"=\s*(?P<shape>\(.*?\)|[a-z0-9]+\[[^\]]*\][^ ]*)\s+(?P<kind>" + "|".join(KINDS) +
-                 r")(?:-start)?\(")
+_OP = re.compile(r"=\s*(?P<shape>\(.*?\)|[a-z0-9]+\[[^\]]*\][^ ]*)\s+(?P<kind>" + "|".join(KINDS) + r")(?:-start)?\(")
 _SHAPE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
-_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
-          "s64": 8, "u64": 8, "f64": 8}
+_BYTES = {
+    "pred": 1,
+    "s8": 1,
+    "u8": 1,
+    "s16": 2,
+    "u16": 2,
+    "f16": 2,
+    "bf16": 2,
+    "s32": 4,
+    "u32": 4,
+    "f32": 4,
+    "s64": 8,
+    "u64": 8,
+    "f64": 8,
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +59,9 @@ class Collectives:
         return sum(1 for op in self.ops if (kind is None or op.kind == kind) and (axes is None or op.axes == axes))
 
     def bytes(self, kind: str | None = None, axes: str | None = None) -> int:
-        return sum(op.bytes for op in self.ops if (kind is None or op.kind == kind) and (axes is None or op.axes == axes))
+        return sum(
+            op.bytes for op in self.ops if (kind is None or op.kind == kind) and (axes is None or op.axes == axes)
+        )
 
     def summary(self) -> dict[str, dict[str, int]]:
         """{"all-reduce@model": {"count": 4, "bytes": 65536}, ...}"""
@@ -49,8 +74,10 @@ class Collectives:
 
     def __sub__(self, other: "Collectives") -> dict[str, dict[str, int]]:
         a, b = self.summary(), other.summary()
-        return {k: {f: a.get(k, {}).get(f, 0) - b.get(k, {}).get(f, 0) for f in ("count", "bytes")}
-                for k in sorted(set(a) | set(b))}
+        return {
+            k: {f: a.get(k, {}).get(f, 0) - b.get(k, {}).get(f, 0) for f in ("count", "bytes")}
+            for k in sorted(set(a) | set(b))
+        }
 
 
 def _shape_bytes(text: str) -> int:
@@ -78,12 +105,16 @@ def _groups(line: str, n_devices: int) -> list[list[int]]:
     if m:
         shape = [int(x) for x in m.group(1).split(",")]
         ids = np.arange(int(np.prod([int(x) for x in m.group(2).split(",")]))).reshape(
-            [int(x) for x in m.group(2).split(",")])
+            [int(x) for x in m.group(2).split(",")]
+        )
         if m.group(3):
             ids = ids.transpose([int(x) for x in m.group(3).split(",")])
         return ids.reshape(shape).tolist()
-    m = re.search(r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\((\[[0-9,]+\](?:T\([0-9,]+\))?)\))?\s*"
-                  r"\{([^}]*)\}", line)
+    m = re.search(
+        r"replica_groups=mesh\[([^\]]*)\](?:, device_ids=\((\[[0-9,]+\](?:T\([0-9,]+\))?)\))?\s*"
+        r"\{([^}]*)\}",
+        line,
+    )
     if m:  # mesh form: mesh['axis_0'=4,'axis_1'=2], device_ids=([2,4]T(1,0)) {'axis_0'}; no device_ids = iota
         names = re.findall(r"'([^']+)'=", m.group(1))
         sizes = [int(x) for x in re.findall(r"=(\d+)", m.group(1))]
@@ -113,6 +144,8 @@ def _axes_of_groups(groups: list[list[int]], mesh) -> str:
 
 
 def parse_collectives(hlo_text: str, mesh=None) -> Collectives:
+    """Every collective in an HLO module's text, with the mesh axes its replica groups span (async pairs
+    count once, at their -start)."""
     n = mesh.devices.size if mesh is not None else 1
     ops = []
     for line in hlo_text.splitlines():
@@ -173,6 +206,7 @@ def _find_mesh(args):
 
 
 def compiled_text(fn, *args, **kwargs) -> str:
+    """The optimised HLO of `fn(*args)` (jit-wrapped if it is not jitted already)."""
     jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
     return jitted.lower(*args, **kwargs).compile().as_text()
 
@@ -181,12 +215,3 @@ def collectives(fn, *args, mesh=None, **kwargs) -> Collectives:
     """Compile `fn(*args)` (jit-wrapping it if needed) and list the collectives in the optimised HLO."""
     mesh = mesh if mesh is not None else _find_mesh((args, kwargs))
     return parse_collectives(compiled_text(fn, *args, **kwargs), mesh)
-
-
-def memory(fn, *args, **kwargs) -> dict[str, int]:
-    """Per-device buffer bytes of the compiled program from XLA's memory analysis."""
-    jitted = fn if hasattr(fn, "lower") else jax.jit(fn)
-    m = jitted.lower(*args, **kwargs).compile().memory_analysis()
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-              "alias_size_in_bytes", "generated_code_size_in_bytes")
-    return {f.replace("_size_in_bytes", ""): int(getattr(m, f, 0) or 0) for f in fields}

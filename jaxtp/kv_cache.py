@@ -26,14 +26,41 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from .int8 import QMAX, channel_scale
 from .sharding import constrain
 
+__all__ = [
+    "CACHE_AXES",
+    "KV_CACHE_DTYPES",
+    "BITS",
+    "DECODE_BLOCK",
+    "MASKED",
+    "Int8KV",
+    "storage_dtype",
+    "pack",
+    "unpack",
+    "quantize",
+    "dequantize",
+    "store",
+    "constrain_entry",
+    "values",
+    "allocate",
+    "write",
+    "read_block",
+    "abstract",
+    "bytes_per_device",
+    "decode_attention",
+]
+
 CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")
-KV_CACHE_DTYPES = {"f32": jnp.float32, "float32": jnp.float32, "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16,
-                   "int8": jnp.int8}
+KV_CACHE_DTYPES = {
+    "f32": jnp.float32,
+    "float32": jnp.float32,
+    "bf16": jnp.bfloat16,
+    "bfloat16": jnp.bfloat16,
+    "int8": jnp.int8,
+}
 BITS = jnp.uint16  # how bf16 data is stored (see `pack`)
-QMAX = 127
-SCALE_FLOOR = 1e-30  # an all-zero vector gets this scale (and zeros), never 0/0
 DECODE_BLOCK = 256  # keys per step of the decode attention loop
 MASKED = -1e30  # a hidden key's score: finite, so a fully hidden block never makes inf - inf
 
@@ -50,8 +77,10 @@ def storage_dtype(kv_cache_dtype, compute_dtype):
     if kv_cache_dtype is None:
         return jnp.dtype(compute_dtype)
     if kv_cache_dtype not in KV_CACHE_DTYPES:
-        raise ValueError(f"kv_cache_dtype must be None (the compute dtype) or one of {', '.join(KV_CACHE_DTYPES)}; "
-                         f"got {kv_cache_dtype!r}")
+        raise ValueError(
+            f"kv_cache_dtype must be None (the compute dtype) or one of {', '.join(KV_CACHE_DTYPES)}; "
+            f"got {kv_cache_dtype!r}"
+        )
     return jnp.dtype(KV_CACHE_DTYPES[kv_cache_dtype])
 
 
@@ -77,7 +106,7 @@ def quantize(x_BSKH) -> Int8KV:
     """Symmetric int8 over head_dim, rounded against the scale as stored."""
     x = x_BSKH.astype(jnp.float32)
     absmax_BSK = jnp.max(jnp.abs(x), axis=-1)
-    scale_BSK = _stored_scale(jnp.maximum(absmax_BSK * jnp.float32(1 / QMAX), SCALE_FLOOR))
+    scale_BSK = _stored_scale(channel_scale(absmax_BSK))  # an all-zero vector: the floor, never 0/0
     q = jnp.round(x / scale_BSK.astype(jnp.float32)[..., None])
     return Int8KV(jnp.clip(q, -QMAX, QMAX).astype(jnp.int8), pack(scale_BSK))
 
@@ -146,7 +175,7 @@ def read_block(entry, lead: tuple, start, size: int):
 
     def piece(c):
         n = len(lead)
-        sizes = (1,) * n + (c.shape[n], size) + c.shape[n + 2:]
+        sizes = (1,) * n + (c.shape[n], size) + c.shape[n + 2 :]
         return unpack(jax.lax.dynamic_slice(c, (*lead, 0, start) + (0,) * (c.ndim - n - 2), sizes).reshape(sizes[n:]))
 
     return jax.tree.map(piece, entry)
@@ -156,8 +185,10 @@ def abstract(shape_BTKH, dtype, names, sharding):
     """An entry's ShapeDtypeStructs, each placed by `sharding(names)` (which may return None)."""
     if jnp.dtype(dtype) != jnp.int8:
         return jax.ShapeDtypeStruct(shape_BTKH, _stored_dtype(dtype), sharding=sharding(names))
-    return Int8KV(jax.ShapeDtypeStruct(shape_BTKH, jnp.int8, sharding=sharding(names)),
-                  jax.ShapeDtypeStruct(shape_BTKH[:-1], BITS, sharding=sharding(names[:-1])))
+    return Int8KV(
+        jax.ShapeDtypeStruct(shape_BTKH, jnp.int8, sharding=sharding(names)),
+        jax.ShapeDtypeStruct(shape_BTKH[:-1], BITS, sharding=sharding(names[:-1])),
+    )
 
 
 def bytes_per_device(caches) -> int:
@@ -168,10 +199,10 @@ def bytes_per_device(caches) -> int:
 
 # ------------------------------------------------------------------------------- decode attention
 
+
 def _scores(q_BKGH, k, H: int):
     """q . k / sqrt(H) in f32, [B, K, G, t]; an int8 block's scale multiplies each key's score."""
-    s_BKGT = jnp.einsum("bkgh,btkh->bkgt", q_BKGH, values(k).astype(q_BKGH.dtype),
-                        preferred_element_type=jnp.float32)
+    s_BKGT = jnp.einsum("bkgh,btkh->bkgt", q_BKGH, values(k).astype(q_BKGH.dtype), preferred_element_type=jnp.float32)
     if isinstance(k, Int8KV):
         s_BKGT = s_BKGT * k.scale.astype(jnp.float32).transpose(0, 2, 1)[:, :, None, :]
     return s_BKGT / math.sqrt(H)
@@ -181,8 +212,9 @@ def _weighted_values(p_BKGT, v, dtype):
     """sum_t p_t v_t in f32, [B, K, G, H]; an int8 block's scale folds into the probabilities."""
     if isinstance(v, Int8KV):
         p_BKGT = p_BKGT * v.scale.astype(jnp.float32).transpose(0, 2, 1)[:, :, None, :]
-    return jnp.einsum("bkgt,btkh->bkgh", p_BKGT.astype(dtype), values(v).astype(dtype),
-                      preferred_element_type=jnp.float32)
+    return jnp.einsum(
+        "bkgt,btkh->bkgh", p_BKGT.astype(dtype), values(v).astype(dtype), preferred_element_type=jnp.float32
+    )
 
 
 def decode_attention(q_B1NH, k, v, slot, offset_B, lead: tuple = (), block: int = DECODE_BLOCK):
@@ -210,11 +242,16 @@ def decode_attention(q_B1NH, k, v, slot, offset_B, lead: tuple = (), block: int 
         correction_BKG = jnp.exp(m_BKG - m_new_BKG)
         p_BKGT = jnp.where(visible_BKGT, jnp.exp(s_BKGT - m_new_BKG[..., None]), 0.0)
         acc_BKGH = acc_BKGH * correction_BKG[..., None] + _weighted_values(
-            p_BKGT, read_block(v, lead, start, size), q_BKGH.dtype)
+            p_BKGT, read_block(v, lead, start, size), q_BKGH.dtype
+        )
         return j + 1, m_new_BKG, l_BKG * correction_BKG + p_BKGT.sum(axis=-1), acc_BKGH
 
-    init = (jnp.int32(0), jnp.full((B, K, N // K), MASKED, jnp.float32), jnp.zeros((B, K, N // K), jnp.float32),
-            jnp.zeros((B, K, N // K, H), jnp.float32))
+    init = (
+        jnp.int32(0),
+        jnp.full((B, K, N // K), MASKED, jnp.float32),
+        jnp.zeros((B, K, N // K), jnp.float32),
+        jnp.zeros((B, K, N // K, H), jnp.float32),
+    )
     n_read, _, l_BKG, acc_BKGH = jax.lax.while_loop(lambda c: c[0] < n_blocks, body, init)
     out_BKGH = acc_BKGH / l_BKG[..., None]
     return out_BKGH.reshape(B, 1, N, H).astype(q_B1NH.dtype), n_read

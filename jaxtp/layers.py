@@ -28,9 +28,30 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from . import int8
 from .attention import attend
 from .config import ModelConfig, to_dtype
 from .sharding import Layout, constrain, gathered, layer_layout, placing
+
+__all__ = [
+    "RESIDUAL",
+    "BLOCK_IN",
+    "KV",
+    "HEADS",
+    "HIDDEN",
+    "normal_param",
+    "Linear",
+    "matmul_rows",
+    "RMSNorm",
+    "rope_frequencies",
+    "rope",
+    "layer_config",
+    "default_positions",
+    "Attention",
+    "MLP",
+    "Block",
+    "Embed",
+]
 
 RESIDUAL = ("batch", "act_seq", "act_embed")
 BLOCK_IN = ("batch", "seq", "act_embed")
@@ -40,6 +61,7 @@ HIDDEN = ("batch", "seq", "mlp")
 
 
 def normal_param(rngs: nnx.Rngs, shape, names, std: float, dtype) -> nnx.Param:
+    """A N(0, std^2) parameter drawn in f32, stored in `dtype`, named by `names` for the rules table."""
     # The barrier keeps XLA from folding std into the draw's own constants inside a jitted init, which
     # rounded differently from the same draw run eagerly (Flax's eager sharding): both paths now agree bitwise.
     value = std * jax.lax.optimization_barrier(jax.random.normal(rngs.params(), shape, jnp.float32))
@@ -49,37 +71,57 @@ def normal_param(rngs: nnx.Rngs, shape, names, std: float, dtype) -> nnx.Param:
 class Linear(nnx.Module):
     """An einsum with a named kernel, e.g. 'bsd,dnh->bsnh' with kernel names (embed, heads, head_dim).
 
-    `contract` counts the kernel's leading (input) axes; the remaining axes are outputs. Quantised
-    casts (jaxtp.quant) replace `kernel` with an int8 variable and a per-output-channel scale. With
-    `bias`, a zero-initialised bias over the output axes (named like them) is added after the matmul.
+    `contract` counts the kernel's leading (input) axes; the remaining axes are outputs. With `bias`, a
+    zero-initialised bias over the output axes (named like them) is added after the matmul. Quantised
+    (`set_precision("int8" | "w8a8")`), `kernel` is an int8 `Int8Weight` and `scale` its per-output-channel
+    `Int8Scale` (jaxtp.int8).
     """
 
-    def __init__(self, equation: str, shape, names, *, std: float, cfg: ModelConfig, rngs: nnx.Rngs,
-                 layout: Layout | None = None, bias: bool = False):
+    def __init__(
+        self,
+        equation: str,
+        shape,
+        names,
+        *,
+        std: float,
+        cfg: ModelConfig,
+        rngs: nnx.Rngs,
+        layout: Layout | None = None,
+        bias: bool = False,
+    ):
         self.equation = equation
         self.names = tuple(names)
         lhs, rhs_out = equation.split(",")
         rhs, out = rhs_out.split("->")
         self.contract = sum(1 for c in rhs if c in lhs and c not in out)
         lead = lhs[: len(lhs) - self.contract]
-        if lhs[len(lead):] != rhs[: self.contract] or out != lead + rhs[self.contract:]:
-            raise ValueError(f"Linear equation {equation!r} must read 'LEAD IN, IN OUT -> LEAD OUT' "
-                             "(the kernel's leading axes contract the input's trailing axes)")
+        if lhs[len(lead) :] != rhs[: self.contract] or out != lead + rhs[self.contract :]:
+            raise ValueError(
+                f"Linear equation {equation!r} must read 'LEAD IN, IN OUT -> LEAD OUT' "
+                "(the kernel's leading axes contract the input's trailing axes)"
+            )
         self.compute_dtype = to_dtype(cfg.compute_dtype)
         self.layout = layer_layout(layout, cfg)
         with placing(self.layout):
             self.kernel = normal_param(rngs, shape, names, std, to_dtype(cfg.param_dtype))
-            self.bias = nnx.Param(jnp.zeros(shape[self.contract:], to_dtype(cfg.param_dtype)),
-                                  out_sharding=self.names[self.contract:]) if bias else None
-        self.quant_mode = None  # jaxtp.quant.cast sets "int8" (weight-only) or "w8a8", adding `scale`
+            self.bias = (
+                nnx.Param(
+                    jnp.zeros(shape[self.contract :], to_dtype(cfg.param_dtype)),
+                    out_sharding=self.names[self.contract :],
+                )
+                if bias
+                else None
+            )
+        self.quant_mode: str | None = None  # "int8" (weight-only) or "w8a8" once quantised
+        self.scale: int8.Int8Scale | None = nnx.data(None)  # the int8 kernel's per-output-channel scale
 
     def __call__(self, x):
         if self.quant_mode is not None:
-            from .quant import quantized_einsum
-
-            y = quantized_einsum(self.quant_mode, self.equation, x, self.kernel[...], self.scale[...],
-                                 self.compute_dtype)
-            return self.add_bias(y)
+            return self.add_bias(
+                int8.quantized_einsum(
+                    self.quant_mode, self.equation, x, self.kernel[...], self.scale[...], self.compute_dtype
+                )
+            )
 
         def matmul(x, w):
             return matmul_rows(x.astype(self.compute_dtype), self.read(w), self.contract)
@@ -103,6 +145,22 @@ class Linear(nnx.Module):
         """Whether this kernel may be stacked with its siblings' into one matmul (float, no ZeRO gather)."""
         return self.quant_mode is None and (self.layout is None or not self.layout.gathers(self.names))
 
+    def contracted_axes(self) -> range:
+        """The kernel axes the matmul contracts, after any stacked leading axes (a scanned model's "layers"):
+        each layer keeps its own per-channel scales, so the stacked axis is never reduced."""
+        stacked = self.kernel[...].ndim - len(self.names)
+        return range(stacked, stacked + self.contract)
+
+    def set_precision(self, precision: str) -> None:
+        """jaxtp.quant.cast's hook (the float arrays themselves are cast there): a float precision sets the
+        compute dtype; "int8"/"w8a8" quantise the kernel once and then only switch the mode."""
+        if precision not in int8.MODES:
+            self.compute_dtype = to_dtype(precision)
+            return
+        if self.quant_mode is None:
+            self.kernel, self.scale = int8.quantize_variable(self.kernel, self.contracted_axes())
+        self.quant_mode = precision
+
 
 def matmul_rows(x, w, contract: int):
     """x's trailing `contract` axes times w's leading ones, with x's other axes flattened into rows.
@@ -121,8 +179,14 @@ class RMSNorm(nnx.Module):
     """RMSNorm over the last axis, the scale applied after normalising (in f32). Default: the model width
     ("embed"); Qwen3's q/k norms use size=head_dim, names=("head_dim",)."""
 
-    def __init__(self, cfg: ModelConfig | None = None, layout: Layout | None = None, size: int | None = None,
-                 names: tuple = ("embed",), **dims):
+    def __init__(
+        self,
+        cfg: ModelConfig | None = None,
+        layout: Layout | None = None,
+        size: int | None = None,
+        names: tuple = ("embed",),
+        **dims,
+    ):
         cfg = layer_config(cfg, dims)
         self.eps = cfg.norm_eps
         self.layout = layer_layout(layout, cfg)
@@ -162,7 +226,7 @@ def rope(x_BSnH, positions_BS, theta: float, scaling: tuple | None = None):
     angle_BSh = positions_BS[..., None].astype(jnp.float32) * freq
     sin, cos = jnp.sin(angle_BSh)[:, :, None, :], jnp.cos(angle_BSh)[:, :, None, :]
     x = x_BSnH.astype(jnp.float32)
-    x1, x2 = x[..., : H // 2], x[..., H // 2:]
+    x1, x2 = x[..., : H // 2], x[..., H // 2 :]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x_BSnH.dtype)
 
 
@@ -190,8 +254,15 @@ class Attention(nnx.Module):
     """GQA attention: q/k/v column-parallel over heads, output projection row-parallel. causal=False makes
     it bidirectional (an encoder's). cfg.attention picks the implementation (jaxtp.attention.attend)."""
 
-    def __init__(self, cfg: ModelConfig | None = None, layout: Layout | None = None, rngs: nnx.Rngs | None = None, *,
-                 causal: bool = True, **dims):
+    def __init__(
+        self,
+        cfg: ModelConfig | None = None,
+        layout: Layout | None = None,
+        rngs: nnx.Rngs | None = None,
+        *,
+        causal: bool = True,
+        **dims,
+    ):
         cfg, rngs = layer_config(cfg, dims), _need(rngs, "Attention")
         D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
@@ -242,12 +313,14 @@ class Attention(nnx.Module):
         w_DXCH = self.stacked_qkv_kernel()
         y_BSXCH = matmul_rows(x_BSD.astype(w_DXCH.dtype), w_DXCH, 1)
         B, S, X, C, H = y_BSXCH.shape
-        q_BSNH = self.q.add_bias(y_BSXCH[..., :C - 2, :].reshape(B, S, -1, H))
+        q_BSNH = self.q.add_bias(y_BSXCH[..., : C - 2, :].reshape(B, S, -1, H))
         q_BSNH = constrain(self.rotated(q_BSNH, self.q_norm, positions_BS), HEADS, self.layout)
         # Replicated kv heads were projected once per query head: so are their biases.
         expand = (lambda b: jnp.repeat(b[...], X // b.shape[0], axis=0)) if self.kv_replicated() else (lambda b: b[...])
-        k_BSXH, v_BSXH = (lin.add_bias(y_BSXCH[..., c, :], None if lin.bias is None else expand(lin.bias))
-                          for lin, c in ((self.k, C - 2), (self.v, C - 1)))
+        k_BSXH, v_BSXH = (
+            lin.add_bias(y_BSXCH[..., c, :], None if lin.bias is None else expand(lin.bias))
+            for lin, c in ((self.k, C - 2), (self.v, C - 1))
+        )
         kv_names = HEADS if self.kv_replicated() else KV
         k_BSXH = constrain(self.rotated(k_BSXH, self.k_norm, positions_BS), kv_names, self.layout)
         return q_BSNH, k_BSXH, constrain(v_BSXH, kv_names, self.layout)
@@ -267,8 +340,9 @@ class Attention(nnx.Module):
         if self.kv_replicated():
             # Expanded in the parameter dtype, so that the gradient sum crosses devices in f32 under bf16 compute.
             expand_NK = (jnp.arange(N)[:, None] // G == jnp.arange(K)[None, :]).astype(self.k.kernel.dtype)
-            wk_DNH, wv_DNH = (jnp.einsum("dkh,nk->dnh", lin.kernel[...], expand_NK).astype(wq_DNH.dtype)
-                              for lin in (self.k, self.v))
+            wk_DNH, wv_DNH = (
+                jnp.einsum("dkh,nk->dnh", lin.kernel[...], expand_NK).astype(wq_DNH.dtype) for lin in (self.k, self.v)
+            )
             return jnp.stack([wq_DNH, wk_DNH, wv_DNH], axis=2)
         wk_DKH, wv_DKH = self.k.read(), self.v.read()
         return jnp.concatenate([wq_DNH.reshape(D, K, G, H), wk_DKH[:, :, None], wv_DKH[:, :, None]], axis=2)
@@ -285,8 +359,23 @@ class Attention(nnx.Module):
             q_BSNH = self.project_q(x_BSD, positions_BS)
         # cuDNN wants q, k and v split alike: not so when kv heads fewer than q's are replicated beside them.
         cudnn_ok = not (self.kv_replicated() and kv[0].shape[2] < q_BSNH.shape[2])
-        out_BSNH = attend(q_BSNH, kv[0], kv[1], positions_BS, k_pos_BT, k_valid_BT, self.causal, mask_BST,
-                          implementation=self.attention, block=self.attention_block, cudnn_ok=cudnn_ok)
+        out_BSNH = attend(
+            q_BSNH,
+            kv[0],
+            kv[1],
+            positions_BS,
+            k_pos_BT,
+            k_valid_BT,
+            self.causal,
+            mask_BST,
+            implementation=self.attention,
+            block=self.attention_block,
+            cudnn_ok=cudnn_ok,
+        )
+        return self.project_out(out_BSNH)
+
+    def project_out(self, out_BSNH):
+        """The heads' outputs through the row-parallel output projection (Megatron's all-reduce), [B, S, D]."""
         out_BSNH = constrain(out_BSNH, HEADS, self.layout)
         return constrain(self.o(out_BSNH), RESIDUAL, self.layout)
 
@@ -294,8 +383,9 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU: gate and up column-parallel over `mlp` (separate weights, never a fused split), down row-parallel."""
 
-    def __init__(self, cfg: ModelConfig | None = None, layout: Layout | None = None, rngs: nnx.Rngs | None = None,
-                 **dims):
+    def __init__(
+        self, cfg: ModelConfig | None = None, layout: Layout | None = None, rngs: nnx.Rngs | None = None, **dims
+    ):
         cfg, rngs = layer_config(cfg, dims), _need(rngs, "MLP")
         D, F = cfg.d_model, cfg.d_ff
         self.layout = layer_layout(layout, cfg)
@@ -317,8 +407,15 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x)). causal=False: an encoder block."""
 
-    def __init__(self, cfg: ModelConfig | None = None, layout: Layout | None = None, rngs: nnx.Rngs | None = None, *,
-                 causal: bool = True, **dims):
+    def __init__(
+        self,
+        cfg: ModelConfig | None = None,
+        layout: Layout | None = None,
+        rngs: nnx.Rngs | None = None,
+        *,
+        causal: bool = True,
+        **dims,
+    ):
         cfg, rngs = layer_config(cfg, dims), _need(rngs, "Block")
         self.layout = layout = layer_layout(layout, cfg)
         self.attn_norm = RMSNorm(cfg, layout)
@@ -328,17 +425,31 @@ class Block(nnx.Module):
 
     def __call__(self, x_BSD, positions_BS=None, **attn_kwargs):
         """`attn_kwargs`: Attention's (e.g. mask_BST)."""
-        x_BSD = x_BSD + self.attn(self.attn_norm(x_BSD), positions_BS, **attn_kwargs)
-        x_BSD = constrain(x_BSD, RESIDUAL, self.layout)
+        attend_self = lambda attn, h_BSD: (attn(h_BSD, positions_BS, **attn_kwargs), None)
+        return self.forward(x_BSD, attend_self)[0]
+
+    def forward(self, x_BSD, attend):
+        """The block with `attend(self.attn, normed x_BSD) -> (out_BSD, aux)` as its attention; returns
+        (x_BSD, aux). One body for the plain call and for generation's KV-cached walk (whose attention
+        reads and writes caches and returns them as aux)."""
+        out_BSD, aux = attend(self.attn, self.attn_norm(x_BSD))
+        x_BSD = constrain(x_BSD + out_BSD, RESIDUAL, self.layout)
         x_BSD = x_BSD + self.mlp(self.mlp_norm(x_BSD))
-        return constrain(x_BSD, RESIDUAL, self.layout)
+        return constrain(x_BSD, RESIDUAL, self.layout), aux
 
 
 class Embed(nnx.Module):
     """Vocab-parallel embedding table (V, D), rows split over the vocab axis."""
 
-    def __init__(self, cfg: ModelConfig | None = None, padded_vocab: int | None = None, layout: Layout | None = None,
-                 *, rngs: nnx.Rngs, **dims):
+    def __init__(
+        self,
+        cfg: ModelConfig | None = None,
+        padded_vocab: int | None = None,
+        layout: Layout | None = None,
+        *,
+        rngs: nnx.Rngs,
+        **dims,
+    ):
         cfg = layer_config(cfg, dims)
         self.layout = layer_layout(layout, cfg)
         self.compute_dtype = to_dtype(cfg.compute_dtype)
@@ -346,30 +457,38 @@ class Embed(nnx.Module):
         if padded_vocab is None:  # rows padded to a multiple of the vocab split, as the Transformer does
             padded_vocab = cfg.padded_vocab(1 if self.layout is None else self.layout.split_of("vocab"))
         with placing(self.layout):
-            self.table = normal_param(rngs, (padded_vocab, cfg.d_model), self.table_names, cfg.init_std,
-                                      to_dtype(cfg.param_dtype))
-        self.quant_mode = None  # jaxtp.quant.cast: int8 table plus one scale per vocab row (`scale`)
+            self.table = normal_param(
+                rngs, (padded_vocab, cfg.d_model), self.table_names, cfg.init_std, to_dtype(cfg.param_dtype)
+            )
+        self.quant_mode: str | None = None  # "int8" or "w8a8" once quantised
+        self.scale: int8.Int8Scale | None = nnx.data(None)  # the int8 table's scale, one per vocab row
 
     def __call__(self, tokens_BS):
         # FSDP: gather whole rows before the lookup (XLA:CPU cannot partition a gather whose rows are split
         # over the axis that also splits its indices' batch: it would replicate and re-partition).
-        table = gathered(self.table[...], self.table_names, self.layout)
+        table_VD = gathered(self.table[...], self.table_names, self.layout)
         if self.quant_mode is not None:
-            from .quant import int8_take
-
-            x_BSD = int8_take(table, self.scale[...], tokens_BS, self.compute_dtype)
+            x_BSD = int8.int8_take(table_VD, self.scale[...], tokens_BS, self.compute_dtype)
         else:
-            x_BSD = jnp.take(table, tokens_BS, axis=0).astype(self.compute_dtype)
+            x_BSD = jnp.take(table_VD, tokens_BS, axis=0).astype(self.compute_dtype)
         # Reduce the vocab-parallel partial rows on every position, then lay the stream out as RESIDUAL.
         return constrain(constrain(x_BSD, BLOCK_IN, self.layout), RESIDUAL, self.layout)
 
     def attend(self, x_BSD):
         """The tied head: logits [B, S, V] = x . table^T, vocab-parallel like the table (no gather of V).
         An int8 table's per-row scale is exactly the head's per-output-channel scale."""
-        table = gathered(self.table[...], self.table_names, self.layout)
+        table_VD = gathered(self.table[...], self.table_names, self.layout)
         if self.quant_mode is not None:
-            from .quant import quantized_einsum
+            return int8.quantized_einsum(
+                self.quant_mode, "bsd,vd->bsv", x_BSD, table_VD, self.scale[...], self.compute_dtype
+            )
+        return jnp.einsum("bsd,vd->bsv", x_BSD.astype(self.compute_dtype), table_VD.astype(self.compute_dtype))
 
-            return quantized_einsum(self.quant_mode, "bsd,vd->bsv", x_BSD, table, self.scale[...],
-                                    self.compute_dtype)
-        return jnp.einsum("bsd,vd->bsv", x_BSD.astype(self.compute_dtype), table.astype(self.compute_dtype))
+    def set_precision(self, precision: str) -> None:
+        """jaxtp.quant.cast's hook, as Linear's: the table quantises with one scale per vocab row."""
+        if precision not in int8.MODES:
+            self.compute_dtype = to_dtype(precision)
+            return
+        if self.quant_mode is None:
+            self.table, self.scale = int8.quantize_variable(self.table, (1,))
+        self.quant_mode = precision

@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+__all__ = ["cross_entropy", "lm_loss"]
+
 
 def cross_entropy(logits_BSV, targets_BS, mask_BS=None):
     """Mean negative log-likelihood in nats per token (over `mask_BS` when given)."""

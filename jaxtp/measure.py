@@ -1,37 +1,51 @@
-"""Measurements the reports quote: this machine's matmul peak, and per-layer collectives of a step.
+"""Measurements the reports quote: this machine's matmul peak, compiled programs' memory, collectives
+and recompiles, and step times.
 
-Peak: the median FLOP/s of a large f32 matmul on one device (XLA:CPU runs one op on all cores, and the
-fake devices of a CPU mesh share those same cores, so this is the machine's peak, not a device's).
+Timings are medians over repeats after one warm-up call (`median_seconds`), the peak included: on shared
+CPU cores the median is the rate a step actually sees, so MFU compares a median step with a median
+matmul. The peak is a large f32 matmul on one device (XLA:CPU runs one op on all cores, and the fake
+devices of a CPU mesh share those same cores, so this is the machine's peak, not a device's).
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from .hlo import parse_collectives
 
+__all__ = [
+    "median_seconds",
+    "matmul_peak_flops",
+    "per_layer",
+    "collectives_of",
+    "bytes_per_device",
+    "compile_timed",
+    "compile_count",
+    "memory_per_device",
+    "timed_train_step",
+]
 
-def matmul_peak_flops(n: int = 1024, repeats: int = 5, dtype=jnp.float32) -> float:
-    """Median FLOP/s of an n x n x n matmul on the first device, after one warm-up call."""
-    a = jnp.ones((n, n), dtype)
-    f = jax.jit(lambda a, b: a @ b)
-    f(a, a).block_until_ready()
+
+def median_seconds(fn, *args, repeats: int = 5) -> float:
+    """Median wall seconds of `fn(*args)` until its result is ready, after one warm-up call (its compile)."""
+    jax.block_until_ready(fn(*args))
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        f(a, a).block_until_ready()
+        jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t)
-    return 2.0 * n ** 3 / float(np.median(times))
+    return statistics.median(times)
 
 
-def abstract_like(tree):
-    """ShapeDtypeStructs with the same shardings: lets a program compile without allocating inputs."""
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+def matmul_peak_flops(n: int = 1024, repeats: int = 5, dtype=jnp.float32, device=None) -> float:
+    """FLOP/s of an n x n x n matmul on `device` (default: the first), median of `repeats` timings."""
+    a_NN = jax.device_put(jnp.ones((n, n), dtype), device or jax.devices()[0])
+    return 2.0 * n**3 / median_seconds(jax.jit(lambda a, b: a @ b), a_NN, a_NN, repeats=repeats)
 
 
 def per_layer(total: dict, one_layer: dict, n_layers: int) -> dict:
@@ -49,6 +63,7 @@ def per_layer(total: dict, one_layer: dict, n_layers: int) -> dict:
 
 
 def collectives_of(compiled, mesh) -> dict:
+    """{"all-reduce@model": {"count", "bytes"}, ...} of a compiled program (jaxtp.hlo)."""
     return parse_collectives(compiled.as_text(), mesh).summary()
 
 
@@ -66,6 +81,12 @@ def compile_timed(jitted, *args):
     compiled = lowered.compile()
     t2 = time.perf_counter()
     return compiled, dict(trace_lower_s=t1 - t0, xla_compile_s=t2 - t1, compile_s=t2 - t0)
+
+
+def compile_count(jitted) -> int:
+    """How many executables a `jax.jit` function holds: one per distinct input signature (shapes, dtypes,
+    shardings, static arguments). 1 after many calls means it never recompiled."""
+    return jitted._cache_size()  # jax has no public per-function count; this is the one private call
 
 
 def memory_per_device(compiled) -> dict:

@@ -28,15 +28,33 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from .config import ModelConfig
+from . import int8
+from .build import create
+from .config import DTYPE_NAMES, ModelConfig
 from .layers import Block, Embed, Linear, RMSNorm, default_positions
-from .mesh import axis_size
 from .sharding import Layout, constrain
+
+__all__ = [
+    "LOGITS",
+    "LAYERS",
+    "REMAT_POLICIES",
+    "Transformer",
+    "stacked_blocks",
+    "scan_blocks",
+    "layer",
+    "remat_block",
+    "abstract_model",
+    "ParamRow",
+    "ParamTable",
+    "param_table",
+]
 
 LOGITS = ("batch", "seq", "vocab")
 LAYERS = "layers"  # the logical name of a scanned model's stacked layer axis
-REMAT_POLICIES = {"full": jax.checkpoint_policies.nothing_saveable,
-                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 class Transformer(nnx.Module):
@@ -46,21 +64,31 @@ class Transformer(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, layout: Layout | None = None, rngs: nnx.Rngs):
         self.cfg = cfg
         self.layout = layout
-        model_axis = 1 if layout is None else _vocab_split(layout)
-        self.padded_vocab = cfg.padded_vocab(model_axis)
+        self.padded_vocab = cfg.padded_vocab(1 if layout is None else layout.split_of("vocab"))
         self.embed = Embed(cfg, self.padded_vocab, layout, rngs=rngs)
-        self.blocks = stacked_blocks(cfg, layout, rngs) if cfg.scan_layers else \
-            nnx.List([Block(cfg, layout, rngs) for _ in range(cfg.n_layers)])
+        self.blocks = (
+            stacked_blocks(cfg, layout, rngs)
+            if cfg.scan_layers
+            else nnx.List([Block(cfg, layout, rngs) for _ in range(cfg.n_layers)])
+        )
         self.final_norm = RMSNorm(cfg, layout)
-        self.head = None if cfg.tie_embeddings else \
-            Linear("bsd,dv->bsv", (cfg.d_model, self.padded_vocab), ("embed", "vocab"), std=cfg.init_std, cfg=cfg,
-                   rngs=rngs, layout=layout)
+        self.head = (
+            None
+            if cfg.tie_embeddings
+            else Linear(
+                "bsd,dv->bsv",
+                (cfg.d_model, self.padded_vocab),
+                ("embed", "vocab"),
+                std=cfg.init_std,
+                cfg=cfg,
+                rngs=rngs,
+                layout=layout,
+            )
+        )
 
     @classmethod
     def create(cls, cfg: ModelConfig, mesh, seed: int = 0, rules=None) -> "Transformer":
         """Build sharded on `mesh` inside jit (jaxtp.create): no device materialises a whole TP-sharded weight."""
-        from .build import create
-
         layout = Layout.create(cfg, mesh, rules)
         return create(lambda rngs: cls(cfg, layout=layout, rngs=rngs), mesh, rules=layout, seed=seed)
 
@@ -75,6 +103,7 @@ class Transformer(nnx.Module):
         return self.final_norm(x_BSD)
 
     def logits(self, x_BSD):
+        """Logits [B, S, V] in f32 of final hidden states, vocab-parallel; padding columns at -1e30."""
         head = self.embed.attend if self.head is None else self.head
         logits_BSV = constrain(head(x_BSD).astype(jnp.float32), LOGITS, self.layout)
         if self.padded_vocab > self.cfg.vocab_size:  # padding columns never win
@@ -85,11 +114,11 @@ class Transformer(nnx.Module):
     def __call__(self, tokens_BS, positions_BS=None):
         return self.logits(self.hidden(tokens_BS, positions_BS))
 
-
-def _vocab_split(layout: Layout) -> int:
-    target = layout.rules.get("vocab")
-    axes = () if target is None else (target,) if isinstance(target, str) else target
-    return math.prod(axis_size(layout.mesh, a) for a in axes)
+    def set_precision(self, precision: str) -> None:
+        """jaxtp.quant.cast's hook: a float precision becomes the config's dtypes (checkpoints record it
+        there); the layers hold the rest of the precision state."""
+        if precision not in int8.MODES:
+            self.cfg = self.cfg.replace(param_dtype=DTYPE_NAMES[precision], compute_dtype=DTYPE_NAMES[precision])
 
 
 def stacked_blocks(cfg: ModelConfig, layout: Layout | None, rngs: nnx.Rngs) -> Block:
@@ -190,8 +219,18 @@ class ParamTable:
 
     def __str__(self) -> str:
         head = ("path", "logical axes", "spec", "global", "per device", "dtype", "bytes/dev")
-        body = [(r.path, ",".join(str(n) for n in r.logical), r.spec, "x".join(map(str, r.shape)),
-                 "x".join(map(str, r.local_shape)), r.dtype, f"{r.bytes_per_device:,}") for r in self.rows]
+        body = [
+            (
+                r.path,
+                ",".join(str(n) for n in r.logical),
+                r.spec,
+                "x".join(map(str, r.shape)),
+                "x".join(map(str, r.local_shape)),
+                r.dtype,
+                f"{r.bytes_per_device:,}",
+            )
+            for r in self.rows
+        ]
         widths = [max(len(str(x[i])) for x in [head, *body]) for i in range(len(head))]
         fmt = lambda row: "  ".join(str(c).ljust(w) for c, w in zip(row, widths))
         lines = [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)]
@@ -210,7 +249,15 @@ def param_table(model: nnx.Module) -> ParamTable:
         sharding = getattr(value, "sharding", None)
         spec = getattr(sharding, "spec", None)
         local = tuple(sharding.shard_shape(value.shape)) if sharding is not None else tuple(value.shape)
-        rows.append(ParamRow("/".join(map(str, path)), tuple(names or ()), str(spec) if spec is not None else "-",
-                             tuple(value.shape), local, str(value.dtype),
-                             int(np.prod(local)) * jnp.dtype(value.dtype).itemsize))
+        rows.append(
+            ParamRow(
+                "/".join(map(str, path)),
+                tuple(names or ()),
+                str(spec) if spec is not None else "-",
+                tuple(value.shape),
+                local,
+                str(value.dtype),
+                int(np.prod(local)) * jnp.dtype(value.dtype).itemsize,
+            )
+        )
     return ParamTable(rows)

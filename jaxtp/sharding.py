@@ -31,6 +31,7 @@ A mesh axis that splits both the batch and a weight is a ZeRO axis: that is all 
 a user table such as {**FSDP, "embed": ("data", "fsdp")} (ZeRO-3 over every data-parallel device) needs
 no other change.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -38,14 +39,39 @@ import contextvars
 import dataclasses
 import functools
 import math
-from typing import Mapping, Sequence
+from typing import Mapping, NamedTuple, Sequence
 
 import jax
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from .config import ModelConfig
 from .mesh import KNOWN_AXES, axis_size
+
+__all__ = [
+    "MEGATRON",
+    "MEGATRON_SP",
+    "FSDP",
+    "FSDP_SP",
+    "LOGICAL_AXES",
+    "RULE_PRESETS",
+    "mesh_axes",
+    "split_size",
+    "resolve_table",
+    "resolve_rules",
+    "Indivisible",
+    "indivisible_axes",
+    "spec_for",
+    "Layout",
+    "axis_rules",
+    "layer_layout",
+    "placing",
+    "module_shardings",
+    "check_divisible",
+    "constrain",
+    "gathered",
+]
 
 # Megatron tensor parallelism: heads, kv heads, MLP hidden and vocab over `model`; batch over data+fsdp.
 MEGATRON: dict[str, str | tuple[str, ...] | None] = {
@@ -71,31 +97,41 @@ RULE_PRESETS = {"megatron": MEGATRON, "megatron-sp": MEGATRON_SP, "fsdp": FSDP, 
 _SIZED_AXES = {"heads": "n_heads", "kv_heads": "n_kv_heads", "mlp": "d_ff", "embed": "d_model"}
 
 
-def _axes_of(target) -> tuple[str, ...]:
+def mesh_axes(target) -> tuple[str, ...]:
+    """A rules target (one mesh axis, a tuple of them, or None) as a tuple of mesh axis names."""
     if target is None:
         return ()
     return (target,) if isinstance(target, str) else tuple(target)
 
 
-def _split(mesh, axes) -> int:
-    return math.prod(axis_size(mesh, a) for a in axes)
+def split_size(target, mesh) -> int:
+    """How many ways `target` (a rules target or a tuple of mesh axes) splits a dimension on `mesh`: the
+    product of its axes' sizes, an axis the mesh lacks counting 1. `mesh`: anything with a `.shape` dict."""
+    return math.prod(axis_size(mesh, a) for a in mesh_axes(target))
 
 
 def _suggest_meshes(cfg: ModelConfig, mesh) -> str:
     """Meshes of the same devices (fsdp kept) whose model axis divides heads, d_ff and kv heads."""
     n_dev, f = mesh.devices.size, axis_size(mesh, "fsdp")
     three = "fsdp" in mesh.shape
-    ok = [(f"{n_dev // (f * m)}x{f}x{m}" if three else f"{n_dev // m}x{m}") for m in range(1, n_dev // f + 1)
-          if (n_dev // f) % m == 0 and cfg.n_heads % m == 0 and cfg.d_ff % m == 0
-          and (cfg.n_kv_heads % m == 0 or m % cfg.n_kv_heads == 0)]
+    ok = [
+        (f"{n_dev // (f * m)}x{f}x{m}" if three else f"{n_dev // m}x{m}")
+        for m in range(1, n_dev // f + 1)
+        if (n_dev // f) % m == 0
+        and cfg.n_heads % m == 0
+        and cfg.d_ff % m == 0
+        and (cfg.n_kv_heads % m == 0 or m % cfg.n_kv_heads == 0)
+    ]
     return ", ".join(ok) if ok else "none"
 
 
 def _hint(cfg: ModelConfig, mesh, axes: tuple[str, ...], size: int) -> str:
     n_dev = mesh.devices.size
     if axes == ("model",):
-        return f"pick a mesh whose model axis divides it (meshes that work with {n_dev} devices: " \
-               f"{_suggest_meshes(cfg, mesh)})"
+        return (
+            f"pick a mesh whose model axis divides it (meshes that work with {n_dev} devices: "
+            f"{_suggest_meshes(cfg, mesh)})"
+        )
     ok = [str(m) for m in range(1, n_dev + 1) if n_dev % m == 0 and size % m == 0]
     return f"pick a mesh whose {'+'.join(axes)} size divides it (sizes that do, on {n_dev} devices: {', '.join(ok)})"
 
@@ -107,8 +143,9 @@ def resolve_table(mesh, rules: Mapping | str | None = None) -> dict:
         rules = "megatron"
     if isinstance(rules, str):
         if rules not in RULE_PRESETS:
-            raise ValueError(f"unknown rules preset {rules!r}; choose one of {sorted(RULE_PRESETS)} "
-                             "or pass a dict table")
+            raise ValueError(
+                f"unknown rules preset {rules!r}; choose one of {sorted(RULE_PRESETS)} or pass a dict table"
+            )
         rules = RULE_PRESETS[rules]
     unknown = set(rules) - set(LOGICAL_AXES)
     if unknown:
@@ -116,20 +153,24 @@ def resolve_table(mesh, rules: Mapping | str | None = None) -> dict:
     missing = set(LOGICAL_AXES) - set(rules)
     if missing:
         raise ValueError(f"rules table lacks logical axes {sorted(missing)}; map each to a mesh axis or None")
-    mesh_axes = set(mesh.shape)
+    present = set(mesh.shape)
     resolved: dict = {}
     for name, target in rules.items():
-        axes = _axes_of(target)
+        axes = mesh_axes(target)
         for a in axes:
             if not isinstance(a, str):
-                raise ValueError(f"rules table: logical axis {name!r} maps to {target!r}; a target is a mesh "
-                                 "axis name, a tuple of names, or None")
-            if a not in mesh_axes and a not in KNOWN_AXES:
-                raise ValueError(f"rules table: logical axis {name!r} maps to mesh axis {a!r}, which neither "
-                                 f"this mesh {tuple(mesh.shape)} nor jaxtp's mesh specs {KNOWN_AXES} have")
+                raise ValueError(
+                    f"rules table: logical axis {name!r} maps to {target!r}; a target is a mesh "
+                    "axis name, a tuple of names, or None"
+                )
+            if a not in present and a not in KNOWN_AXES:
+                raise ValueError(
+                    f"rules table: logical axis {name!r} maps to mesh axis {a!r}, which neither "
+                    f"this mesh {tuple(mesh.shape)} nor jaxtp's mesh specs {KNOWN_AXES} have"
+                )
         if len(set(axes)) != len(axes):
             raise ValueError(f"rules table: logical axis {name!r} names a mesh axis twice in {target!r}")
-        axes = tuple(a for a in axes if a in mesh_axes and axis_size(mesh, a) > 1)
+        axes = tuple(a for a in axes if a in present and axis_size(mesh, a) > 1)
         resolved[name] = None if not axes else axes[0] if len(axes) == 1 else axes
     return resolved
 
@@ -142,24 +183,46 @@ def resolve_rules(cfg: ModelConfig, mesh, rules: Mapping | str | None = None) ->
     the mesh lacks or has at size 1 removed (a tuple left with one axis becomes that axis). Raises
     ValueError for unknown or missing logical names, unknown mesh axes, an axis repeated in one
     target, and - naming the parameter, logical axis, mesh axis and both sizes - a split that cannot
-    be even.
+    be even (the first of `indivisible_axes`).
     """
     resolved = resolve_table(mesh, rules)
-    for name, field in _SIZED_AXES.items():
-        axes = _axes_of(resolved[name])
-        if not axes:
-            continue
-        size = getattr(cfg, field)
-        split = _split(mesh, axes)
-        if size % split == 0:
-            continue
-        if name == "kv_heads" and split % size == 0:
-            resolved[name] = None  # GQA: replicate each kv head over the ranks of its query group
-            continue
-        raise ValueError(
-            f"{field}={size} (logical axis {name!r}) is not divisible by mesh axis "
-            f"{'+'.join(axes)!r} of size {split}; {_hint(cfg, mesh, axes, size)} or change {field}")
+    bad = indivisible_axes(cfg, mesh, resolved)
+    if bad:
+        first = bad[0]
+        raise ValueError(f"{first.describe()}; {_hint(cfg, mesh, first.mesh_axes, first.size)} or change {first.field}")
+    if cfg.n_kv_heads % split_size(resolved["kv_heads"], mesh):
+        resolved["kv_heads"] = None  # GQA: replicate each kv head over the ranks of its query group
     return resolved
+
+
+class Indivisible(NamedTuple):
+    """A logical axis whose config size its mesh axes do not split evenly (see `indivisible_axes`)."""
+
+    axis: str  # the logical axis, e.g. "heads"
+    field: str  # the ModelConfig field that sizes it, e.g. "n_heads"
+    size: int  # that field's value
+    mesh_axes: tuple[str, ...]  # the mesh axes the rules table maps it to
+    split: int  # the product of their sizes
+
+    def describe(self) -> str:
+        return (
+            f"{self.field}={self.size} (logical axis {self.axis!r}) is not divisible by mesh axis "
+            f"{'+'.join(self.mesh_axes)!r} of size {self.split}"
+        )
+
+
+def indivisible_axes(cfg: ModelConfig, mesh, rules: Mapping | str | None = None) -> tuple[Indivisible, ...]:
+    """Every sized logical axis (heads, kv_heads, mlp, embed) that `rules` splits unevenly on `mesh`, in
+    that order, as data: what resolve_rules refuses. Kv heads fewer than their split but dividing it are
+    not among them (resolve_rules replicates those). The table itself is checked as resolve_table does."""
+    resolved = resolve_table(mesh, rules)
+    out = []
+    for name, field in _SIZED_AXES.items():
+        axes, size = mesh_axes(resolved[name]), getattr(cfg, field)
+        split = split_size(axes, mesh)
+        if size % split and not (name == "kv_heads" and split % size == 0):
+            out.append(Indivisible(name, field, size, axes, split))
+    return tuple(out)
 
 
 def spec_for(names: Sequence[str | None], rules: Mapping, what: str = "array") -> P:
@@ -172,11 +235,12 @@ def spec_for(names: Sequence[str | None], rules: Mapping, what: str = "array") -
         if name not in rules:
             raise ValueError(f"{what}: unknown logical axis {name!r}; the rules table knows {tuple(rules)}")
         target = rules[name]
-        for a in _axes_of(target):
+        for a in mesh_axes(target):
             if a in used:
                 raise ValueError(
                     f"{what}: logical axes {used[a]!r} and {name!r} both map to mesh axis {a!r}; "
-                    "one array dimension per mesh axis — change the rules table")
+                    "one array dimension per mesh axis — change the rules table"
+                )
             used[a] = name
         out.append(target)
     return P(*out)
@@ -210,25 +274,25 @@ class Layout:
         spec = self.spec(names, f"activation {tuple(names)}")
         fitted = []
         for dim, target in zip(x.shape, tuple(spec) + (None,) * (x.ndim - len(spec))):
-            axes = _axes_of(target)
-            while axes and dim % _split(self.mesh, axes):
+            axes = mesh_axes(target)
+            while axes and dim % split_size(axes, self.mesh):
                 axes = axes[:-1]
             fitted.append(None if not axes else axes[0] if len(axes) == 1 else axes)
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(*fitted)))
 
     def gathers(self, names) -> bool:
         """Whether a weight with these names is stored split over a batch axis (so reads gather it)."""
-        batch_axes = set(_axes_of(self.rules.get("batch")))
-        return any(a in batch_axes for n in names if n is not None for a in _axes_of(self.rules.get(n)))
+        batch_axes = set(mesh_axes(self.rules.get("batch")))
+        return any(a in batch_axes for n in names if n is not None for a in mesh_axes(self.rules.get(n)))
 
     def gathered(self, w, names):
         """A weight as the computation reads it: dimensions split over a mesh axis that also splits the
         batch (ZeRO-3 / FSDP storage sharding) are all-gathered; tensor-parallel splits stay. A no-op
         (w itself) when no weight dimension uses a batch axis, as under megatron."""
-        batch_axes = set(_axes_of(self.rules.get("batch")))
+        batch_axes = set(mesh_axes(self.rules.get("batch")))
         spec = self.spec(names, f"weight {tuple(names)}")
-        kept = [tuple(a for a in _axes_of(t) if a not in batch_axes) for t in spec]
-        if all(len(k) == len(_axes_of(t)) for k, t in zip(kept, spec)):
+        kept = [tuple(a for a in mesh_axes(t) if a not in batch_axes) for t in spec]
+        if all(len(k) == len(mesh_axes(t)) for k, t in zip(kept, spec)):
             return w
         kept = [None if not k else k[0] if len(k) == 1 else k for k in kept]
         return jax.lax.with_sharding_constraint(w, NamedSharding(self.mesh, P(*kept)))
@@ -252,11 +316,11 @@ class Layout:
         return NamedSharding(self.mesh, spec)
 
     def table(self) -> list[tuple[str, str]]:
-        return [(k, "replicated" if v is None else "+".join(_axes_of(v))) for k, v in self.rules.items()]
+        return [(k, "replicated" if v is None else "+".join(mesh_axes(v))) for k, v in self.rules.items()]
 
     def split_of(self, name: str) -> int:
         """How many ways the logical axis `name` is split."""
-        return _split(self.mesh, _axes_of(self.rules.get(name)))
+        return split_size(self.rules.get(name), self.mesh)
 
     def for_config(self, cfg: ModelConfig) -> "Layout":
         """This table checked against `cfg`'s sizes (kv heads fewer than the model axis get replicated);
@@ -302,8 +366,10 @@ def layer_layout(layout: Layout | None, cfg: ModelConfig) -> Layout | None:
     if current is not None:
         return current.for_config(cfg)
     if nnx.using_eager_sharding() and not jax.sharding.get_abstract_mesh().empty:
-        raise ValueError("jaxtp layers built under jax.set_mesh need the rules table too: add "
-                         "jaxtp.axis_rules(mesh, rules) to the with-statement, or build with jaxtp.create(...)")
+        raise ValueError(
+            "jaxtp layers built under jax.set_mesh need the rules table too: add "
+            "jaxtp.axis_rules(mesh, rules) to the with-statement, or build with jaxtp.create(...)"
+        )
     return None
 
 
@@ -326,13 +392,15 @@ def module_shardings(module, default: Layout):
 
 
 def check_divisible(where: str, names, shape, mesh, spec: P) -> None:
+    """A one-line ValueError, naming `where`, for a weight dimension its mesh axes do not split evenly."""
     for dim, (name, target) in enumerate(zip(names, spec)):
-        axes = _axes_of(target)
-        split = _split(mesh, axes)
+        axes = mesh_axes(target)
+        split = split_size(axes, mesh)
         if shape[dim] % split:
             raise ValueError(
                 f"{where}: dimension {dim} (logical axis {name!r}, size {shape[dim]}) is not divisible by "
-                f"mesh axis {'+'.join(axes)!r} of size {split}; change the config or the mesh")
+                f"mesh axis {'+'.join(axes)!r} of size {split}; change the config or the mesh"
+            )
 
 
 def constrain(x, names, layout: Layout | None):

@@ -20,11 +20,30 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from .loss import cross_entropy, lm_loss
 from .model import LAYERS, abstract_model
+from .quant import warn_if_low_precision_training
+
+__all__ = [
+    "TrainConfig",
+    "schedule",
+    "decays",
+    "decay_mask",
+    "make_optimizer",
+    "LossFn",
+    "Trainer",
+    "state_shardings",
+    "make_train_step",
+    "eval_loss_fn",
+    "evaluate",
+    "train_flops_per_step",
+    "compile_train_step",
+    "lower_train_step",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,24 +69,31 @@ class TrainConfig:
 
 
 def schedule(tc: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0 to lr, then cosine decay to lr * min_lr_ratio at the last step."""
     warmup = min(tc.warmup_steps, max(tc.steps - 1, 1))
-    return optax.warmup_cosine_decay_schedule(0.0, tc.lr, warmup, max(tc.steps, warmup + 1),
-                                              end_value=tc.lr * tc.min_lr_ratio)
+    return optax.warmup_cosine_decay_schedule(
+        0.0, tc.lr, warmup, max(tc.steps, warmup + 1), end_value=tc.lr * tc.min_lr_ratio
+    )
 
 
-def _decays(p) -> bool:
-    """Weight decay on matrices, not on norm scales (vectors). A scanned model's stacked "layers" axis
-    does not count: its [L, D] norm scales are L vectors."""
+def decays(p) -> bool:
+    """Whether a parameter gets weight decay: matrices do, norm scales (vectors) do not. A scanned model's
+    stacked "layers" axis does not count: its [L, D] norm scales are L vectors."""
     stacked = (p.get_metadata().get("out_sharding") or ()).count(LAYERS) if isinstance(p, nnx.Variable) else 0
     return p.ndim - stacked >= 2
 
 
+def decay_mask(params):
+    """AdamW's mask: a prefix of the params tree, one `decays` bool per Variable (whose metadata names its axes)."""
+    return jax.tree.map(decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
 def make_optimizer(tc: TrainConfig) -> optax.GradientTransformation:
-    # The mask is a prefix of the params tree: one bool per Variable (whose metadata names its axes).
-    decay_mask = lambda params: jax.tree.map(_decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
-    return optax.chain(optax.clip_by_global_norm(tc.clip_norm),
-                       optax.adamw(schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay,
-                                   mask=decay_mask))
+    """Global-norm clipping, then AdamW on the warmup + cosine `schedule`, decaying matrices only."""
+    return optax.chain(
+        optax.clip_by_global_norm(tc.clip_norm),
+        optax.adamw(schedule(tc), b1=tc.b1, b2=tc.b2, weight_decay=tc.weight_decay, mask=decay_mask),
+    )
 
 
 LossFn = Callable[[nnx.Module, Any], Any]  # (model, batch) -> loss, or (loss, aux: dict of arrays)
@@ -102,7 +128,9 @@ class Trainer:
         seq_len describe the LM data.
 
         Non-Param state (`rest`: e.g. BatchNorm statistics, dropout RNG counters) is held fixed: the step
-        reads it, never updates it. The step compiles once per batch structure/shape/sharding."""
+        reads it, never updates it. The step compiles once per batch structure/shape/sharding. A model
+        storing bf16 or int8 weights gets a warning (jaxtp.quant.warn_if_low_precision_training)."""
+        warn_if_low_precision_training(model, stacklevel=3)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         tx = make_optimizer(tc)
         param_sh, opt_sh = state_shardings(params, tx, getattr(model, "layout", None))
@@ -132,15 +160,20 @@ def _mesh_of(params, layout):
     named, other = {}, []
     for path, x in jax.tree_util.tree_leaves_with_path(params):
         sh = getattr(x, "sharding", None)
-        (named.setdefault(sh.mesh, jax.tree_util.keystr(path)) if isinstance(sh, NamedSharding)
-         else other.append(jax.tree_util.keystr(path)))
+        (
+            named.setdefault(sh.mesh, jax.tree_util.keystr(path))
+            if isinstance(sh, NamedSharding)
+            else other.append(jax.tree_util.keystr(path))
+        )
     if not named:
         return None
     if len(named) > 1 or other:
         where = other[0] if other else list(named.values())[1]
-        raise ValueError(f"Trainer: parameters must all be placed on one mesh (NamedSharding) or all be "
-                         f"unsharded; {list(named.values())[0]} is on {next(iter(named)).shape_tuple} but "
-                         f"{where} is not on that mesh (jax.device_put it with a NamedSharding)")
+        raise ValueError(
+            f"Trainer: parameters must all be placed on one mesh (NamedSharding) or all be "
+            f"unsharded; {list(named.values())[0]} is on {next(iter(named)).shape_tuple} but "
+            f"{where} is not on that mesh (jax.device_put it with a NamedSharding)"
+        )
     return next(iter(named))
 
 
@@ -154,9 +187,14 @@ def state_shardings(params, tx, layout=None):
     replicated = NamedSharding(mesh, P())
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     abstract = jax.eval_shape(tx.init, params)
-    opt_sh = optax.tree_map_params(tx, lambda _, sh: sh, abstract, param_sh,
-                                   transform_non_params=lambda _: replicated,
-                                   is_leaf=lambda x: isinstance(x, nnx.Variable))
+    opt_sh = optax.tree_map_params(
+        tx,
+        lambda _, sh: sh,
+        abstract,
+        param_sh,
+        transform_non_params=lambda _: replicated,
+        is_leaf=lambda x: isinstance(x, nnx.Variable),
+    )
     return param_sh, opt_sh
 
 
@@ -203,7 +241,7 @@ def train_flops_per_step(cfg, batch_size: int, seq_len: int) -> float:
     matmul; the head is) plus attention 12*L*B*S^2*N*H counted non-causally. No remat counted."""
     T = batch_size * seq_len
     matmul_params = cfg.matmul_param_count()
-    return 6.0 * matmul_params * T + 12.0 * cfg.n_layers * batch_size * seq_len ** 2 * cfg.n_heads * cfg.head_dim
+    return 6.0 * matmul_params * T + 12.0 * cfg.n_layers * batch_size * seq_len**2 * cfg.n_heads * cfg.head_dim
 
 
 def compile_train_step(cfg, layout, tc: TrainConfig, batch_sharding):
@@ -220,7 +258,8 @@ def lower_train_step(cfg, layout, tc: TrainConfig, batch_sharding):
     params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
     tx = make_optimizer(tc)
     param_sh, opt_sh = state_shardings(params, tx, layout)
-    opt_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                             jax.eval_shape(tx.init, params), opt_sh)
+    opt_state = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), jax.eval_shape(tx.init, params), opt_sh
+    )
     batch = jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len + 1), jnp.int32, sharding=batch_sharding)
     return make_train_step(graphdef, rest, tx, param_sh, opt_sh).lower(params, opt_state, batch)

@@ -6,22 +6,18 @@ JAX's persistent compilation cache stays off (cache hits were seen deadlocking C
 
 import functools
 import os
-import pathlib
-import sys
 
 # LLVM -O0 for the tests: ~25% faster XLA:CPU compiles on tiny models; HLO passes (and so the collectives
 # and memory analysis the tests check) are unchanged. Subprocesses get the same flag via subprocess_env().
 FAST_COMPILE = "--xla_backend_optimization_level=0"
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" {FAST_COMPILE} "
-                           "--xla_force_host_platform_device_count=8").strip()
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + f" {FAST_COMPILE} --xla_force_host_platform_device_count=8"
+).strip()
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ.pop("JAX_COMPILATION_CACHE_DIR", None)
 os.environ["JAX_ENABLE_COMPILATION_CACHE"] = "false"
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "experiments"))  # scripts the tests drive
-
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
@@ -63,10 +59,12 @@ def reference_losses(cfg, spec, steps=12, batch=8, seq=32, lr=3e-3) -> list:
     (cached: several tests compare against the same run)."""
     corpus = jaxtp.data.load_corpus("synthetic")
     mesh = jaxtp.make_mesh(spec)
-    tr = jaxtp.train.Trainer.create(jaxtp.Transformer.create(cfg, mesh),
-                                    jaxtp.train.TrainConfig(steps=steps, batch_size=batch, seq_len=seq, lr=lr))
-    return [float(tr.train_step(jaxtp.data.train_batch(corpus.train, mesh, batch, seq, 0, i))["loss"])
-            for i in range(steps)]
+    tr = jaxtp.train.Trainer.create(
+        jaxtp.Transformer.create(cfg, mesh), jaxtp.train.TrainConfig(steps=steps, batch_size=batch, seq_len=seq, lr=lr)
+    )
+    return [
+        float(tr.train_step(jaxtp.data.train_batch(corpus.train, mesh, batch, seq, 0, i))["loss"]) for i in range(steps)
+    ]
 
 
 def subprocess_env() -> dict:

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import batch_tokens, rel_err
 from flax import nnx
 
 import jaxtp
@@ -13,7 +14,6 @@ from jaxtp import attention
 from jaxtp.hlo import parse_collectives
 from jaxtp.loss import cross_entropy
 from jaxtp.measure import memory_per_device
-from conftest import batch_tokens, rel_err
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -68,6 +68,7 @@ def assert_same_step(got, want, tol=1e-5):
 
 
 # ------------------------------------------------------------------------------------- the model
+
 
 @pytest.mark.parametrize("spec", ["1x1", "2x4", "1x8"])
 def test_blockwise_matches_xla(steps, spec):
@@ -130,14 +131,19 @@ def test_attention_layer_kv_path(cfg):
 
 # ------------------------------------------------------------------------------------- attend()
 
+
 def qkv(B=2, S=S, T=S, N=8, K=2, H=16, dtype=jnp.float32, seed=0):
     ks = jax.random.split(jax.random.key(seed), 3)
-    return (jax.random.normal(ks[0], (B, S, N, H)).astype(dtype), jax.random.normal(ks[1], (B, T, K, H)).astype(dtype),
-            jax.random.normal(ks[2], (B, T, K, H)).astype(dtype))
+    return (
+        jax.random.normal(ks[0], (B, S, N, H)).astype(dtype),
+        jax.random.normal(ks[1], (B, T, K, H)).astype(dtype),
+        jax.random.normal(ks[2], (B, T, K, H)).astype(dtype),
+    )
 
 
 def attend_and_grads(impl, q, k, v, *args, **kwargs):
     """attend's output and d(sum(out * cos(out)))/d(q, k, v), jitted."""
+
     def loss(q, k, v):
         out = attention.attend(q, k, v, *args, implementation=impl, block=BLOCK, **kwargs)
         return jnp.sum(out * jnp.cos(out)), out
@@ -230,8 +236,11 @@ def test_cudnn_dispatch(monkeypatch):
     q, k, v = (x.astype(jnp.bfloat16) for x in qkv())
     increasing = jnp.broadcast_to(jnp.arange(S), (2, S))
     packed = jnp.broadcast_to(jnp.arange(S) % (S // 2), (2, S))
-    for stand_in.zeros, pos_BS, runs_cudnn in ((False, increasing, True), (True, increasing, True),
-                                               (True, packed, False)):
+    for stand_in.zeros, pos_BS, runs_cudnn in (
+        (False, increasing, True),
+        (True, increasing, True),
+        (True, packed, False),
+    ):
         out = jax.jit(lambda q, k, v, p: attention.attend(q, k, v, p, p, implementation="cudnn"))(q, k, v, pos_BS)
         ref = attention.attend_xla(q, k, v, pos_BS, pos_BS)
         if runs_cudnn and stand_in.zeros:
@@ -242,8 +251,10 @@ def test_cudnn_dispatch(monkeypatch):
     # What cuDNN cannot express goes elsewhere at trace time: padding, f32, an extra mask.
     valid_BS = increasing >= 3
     assert attention.resolve("cudnn", S, S, attention.cudnn_expressible(q, k, valid_BS, None, True)) == "xla"
-    assert attention.resolve("auto", S, S, attention.cudnn_expressible(q.astype(jnp.float32), k, None, None, True)) \
+    assert (
+        attention.resolve("auto", S, S, attention.cudnn_expressible(q.astype(jnp.float32), k, None, None, True))
         == "xla"
+    )
 
 
 def test_cudnn_without_gpu_fails_in_attend():
@@ -254,6 +265,7 @@ def test_cudnn_without_gpu_fails_in_attend():
 
 
 # ------------------------------------------------------------------------------------- memory
+
 
 @pytest.fixture(scope="module")
 def temp_bytes():
@@ -267,8 +279,10 @@ def temp_bytes():
         step = jax.jit(jax.grad(lambda p, t: jaxtp.loss.lm_loss(nnx.merge(graphdef, p, rest), t)))
         return memory_per_device(step.lower(params, tokens).compile())["temp"]
 
-    return {(impl, seq): temp(impl, seq) for impl, seq in
-            [("blockwise", 512), ("blockwise", 1024), ("blockwise", 2048), ("xla", 2048)]}
+    return {
+        (impl, seq): temp(impl, seq)
+        for impl, seq in [("blockwise", 512), ("blockwise", 1024), ("blockwise", 2048), ("xla", 2048)]
+    }
 
 
 def test_blockwise_memory_is_linear_in_s(temp_bytes):

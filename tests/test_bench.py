@@ -5,21 +5,29 @@ Structure and finiteness only: timings on a shared CPU say nothing about the tar
 
 import json
 import math
-import pathlib
-import sys
 
+import bench  # experiments/ (pyproject's pytest pythonpath)
+import gpu_check
 import pytest
-
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "experiments"))
-
-import bench  # noqa: E402
-import gpu_check  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
 
-TRAIN_FIELDS = ("compile_s", "trace_lower_s", "xla_compile_s", "first_step_s", "step_s", "tokens_per_s",
-                "flops_per_s", "mfu", "peak_flops_per_s", "peak_start_flops_per_s", "peak_end_flops_per_s",
-                "state_bytes_per_device", "temp_bytes_per_device", "final_loss")
+TRAIN_FIELDS = (
+    "compile_s",
+    "trace_lower_s",
+    "xla_compile_s",
+    "first_step_s",
+    "step_s",
+    "tokens_per_s",
+    "flops_per_s",
+    "mfu",
+    "peak_flops_per_s",
+    "peak_start_flops_per_s",
+    "peak_end_flops_per_s",
+    "state_bytes_per_device",
+    "temp_bytes_per_device",
+    "final_loss",
+)
 
 
 def numbers(tree):
@@ -33,11 +41,30 @@ def numbers(tree):
 
 def test_bench_train_section_rows_and_overhead_summary(tmp_path):
     out = tmp_path / "bench.json"
-    res = bench.main(["--sections", "train", "--presets", "tiny", "--meshes", "1x1,2x4", "--repeats", "2",
-                      "--train-precisions", "f32", "--out", str(out)])
+    res = bench.main(
+        [
+            "--sections",
+            "train",
+            "--presets",
+            "tiny",
+            "--meshes",
+            "1x1,2x4",
+            "--repeats",
+            "2",
+            "--train-precisions",
+            "f32",
+            "--out",
+            str(out),
+        ]
+    )
     assert json.loads(out.read_text())["overhead"] == json.loads(json.dumps(res["overhead"]))
     rows = res["train"]
-    assert [(r["mesh"], r["impl"]) for r in rows] == [("1x1", "jaxtp"), ("2x4", "jaxtp"), ("1x1", "plain"), ("2x4", "plain")]
+    assert [(r["mesh"], r["impl"]) for r in rows] == [
+        ("1x1", "jaxtp"),
+        ("2x4", "jaxtp"),
+        ("1x1", "plain"),
+        ("2x4", "plain"),
+    ]
     for r in rows:
         assert all(math.isfinite(r[k]) and r[k] >= 0 for k in TRAIN_FIELDS), r
         assert r["jit_cache_size"] == 1 and len(r["step_times_s"]) == 2
@@ -50,7 +77,10 @@ def test_bench_train_section_rows_and_overhead_summary(tmp_path):
     paired = lambda a, b: sorted(x / y for x, y in zip(a["step_times_s"], b["step_times_s"]))
     assert ratio["value"] == pytest.approx(sum(paired(rows[1], rows[0])) / 2) and ratio["status"] in ("PASS", "MISS")
     assert ratio["plain"] == pytest.approx(sum(paired(rows[3], rows[2])) / 2)
-    assert checks[("tiny", "step(1x8)/step(1x1)")]["status"] == "n/a" and checks[("tiny", "step(1x8)/step(1x1)")]["plain"] is None
+    assert (
+        checks[("tiny", "step(1x8)/step(1x1)")]["status"] == "n/a"
+        and checks[("tiny", "step(1x8)/step(1x1)")]["plain"] is None
+    )
     assert checks[("mid", "2x4 compile_s")]["status"] == "n/a"
     assert checks[("all", "jit cache size after timed steps (max)")]["status"] == "PASS"
     assert set(res["overhead"]["peak_flops_per_s"]) == {"start", "end", "used"}
@@ -67,7 +97,11 @@ def test_mid_runs_eight_heads_on_1x8_with_its_own_1x1_reference():
 
 def test_model_switches_scan_and_remat(capsys):
     cfg = bench.model_config("mid+scan+remat=dots")
-    assert cfg.scan_layers and cfg.remat == "dots" and cfg.replace(scan_layers=False, remat="none") == bench.model_config("mid")
+    assert (
+        cfg.scan_layers
+        and cfg.remat == "dots"
+        and cfg.replace(scan_layers=False, remat="none") == bench.model_config("mid")
+    )
     with pytest.raises(SystemExit):
         bench.parse_args(["--presets", "mid+remat=sometimes,tiny+fast", "--sections", "train"])
     err = capsys.readouterr().err
@@ -76,13 +110,41 @@ def test_model_switches_scan_and_remat(capsys):
 
 def test_gpu_check_tiny_writes_finite_json(tmp_path):
     out = tmp_path / "gpu_check.json"
-    gpu_check.main(["--tiny", "--steps", "3", "--warmup", "1", "--decode-repeats", "1", "--new-tokens", "8",
-                    "--long-seq-len", "128", "--long-steps", "1", "--out", str(out)])
+    gpu_check.main(
+        [
+            "--tiny",
+            "--steps",
+            "3",
+            "--warmup",
+            "1",
+            "--decode-repeats",
+            "1",
+            "--new-tokens",
+            "8",
+            "--long-seq-len",
+            "128",
+            "--long-steps",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
     res = json.loads(out.read_text())
     assert {"meta", "config", "train", "decode", "total_s"} <= set(res)
-    assert {"compile_s", "trace_lower_s", "xla_compile_s", "first_step_s", "step_s_median", "tokens_per_s", "mfu",
-            "peak_flops_per_s", "measured_peak_flops_per_s", "mfu_vs_measured", "memory_per_device",
-            "predicted_memory_per_device"} <= set(res["train"])
+    assert {
+        "compile_s",
+        "trace_lower_s",
+        "xla_compile_s",
+        "first_step_s",
+        "step_s_median",
+        "tokens_per_s",
+        "mfu",
+        "peak_flops_per_s",
+        "measured_peak_flops_per_s",
+        "mfu_vs_measured",
+        "memory_per_device",
+        "predicted_memory_per_device",
+    } <= set(res["train"])
     assert {"bf16", "int8", "int8_over_bf16", "status"} <= set(res["decode"])
     assert {"decode_tok_s", "decode_step_ms", "prefill_tok_s", "first_call_s"} <= set(res["decode"]["int8"])
     assert res["decode"]["int8"]["param_bytes_per_device"] < res["decode"]["bf16"]["param_bytes_per_device"]
@@ -100,10 +162,25 @@ def test_gpu_check_tiny_writes_finite_json(tmp_path):
 
 def test_long_context_sections_report_ratios_and_targets(capsys):
     """bench.py --sections attention,kv_cache on tiny at short lengths: every row, the summaries and targets."""
-    res = bench.main(["--sections", "attention,kv_cache", "--attention-model", "tiny", "--attention-seq-lens",
-                      "128,256", "--kv-cache-lens", "64", "--batch", "2", "--repeats", "1"])
+    res = bench.main(
+        [
+            "--sections",
+            "attention,kv_cache",
+            "--attention-model",
+            "tiny",
+            "--attention-seq-lens",
+            "128,256",
+            "--kv-cache-lens",
+            "64",
+            "--batch",
+            "2",
+            "--repeats",
+            "1",
+        ]
+    )
     assert {(r["attention"], r["seq_len"]) for r in res["attention"]} == {
-        (a, S) for a in ("xla", "blockwise") for S in (128, 256)}
+        (a, S) for a in ("xla", "blockwise") for S in (128, 256)
+    }
     assert all(r["step_s"] > 0 and r["temp_bytes_per_device"] > 0 for r in res["attention"])
     summary = res["attention_summary"]
     assert set(summary["ratios"]) == {128, 256}

@@ -5,20 +5,23 @@ Structure and byte counts only: seconds and RSS on a shared CPU say nothing abou
 
 import json
 import math
-import pathlib
 import subprocess
 import sys
 
+import bench_load  # experiments/ (pyproject's pytest pythonpath)
 import pytest
-
 from conftest import subprocess_env
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "experiments"))
-
-import bench_load  # noqa: E402
-
 pytestmark = pytest.mark.timeout(300)
-POSITIVE = ("seconds", "ready_s", "gb_per_s", "final_gb", "peak_growth_gb", "ratio", "cpu_s")  # sys_s, resident can be ~0
+POSITIVE = (
+    "seconds",
+    "ready_s",
+    "gb_per_s",
+    "final_gb",
+    "peak_growth_gb",
+    "ratio",
+    "cpu_s",
+)  # sys_s, resident can be ~0
 
 
 def expected_bytes(shapes) -> dict:
@@ -31,8 +34,22 @@ def expected_bytes(shapes) -> dict:
 
 def test_bench_load_small_end_to_end(tmp_path):
     out = tmp_path / "load.json"
-    subprocess.run([sys.executable, bench_load.__file__, "--small", "--repeats", "1", "--workdir", str(tmp_path),
-                    "--out", str(out)], check=True, env=subprocess_env(), timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            bench_load.__file__,
+            "--small",
+            "--repeats",
+            "1",
+            "--workdir",
+            str(tmp_path),
+            "--out",
+            str(out),
+        ],
+        check=True,
+        env=subprocess_env(),
+        timeout=120,
+    )
     res = json.loads(out.read_text())
     rows = {(r["impl"], r["precision"]): r for r in res["rows"]}
     assert list(rows) == bench_load.ROWS

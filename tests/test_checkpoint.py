@@ -1,7 +1,6 @@
 """Orbax checkpoints: reshard on load, exact resume after SIGKILL, half-written and corrupted checkpoints."""
 
 import json
-import os
 import pathlib
 import shutil
 import signal
@@ -12,11 +11,11 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from conftest import batch_tokens, reference_losses, subprocess_env
 from flax import nnx
 
 import jaxtp
 from jaxtp import checkpoint, data, train
-from conftest import batch_tokens, reference_losses, subprocess_env
 
 pytestmark = pytest.mark.timeout(420)
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -99,16 +98,38 @@ def test_checkpoint_files_hold_no_pickle(saved):
 
 # --- train-state checkpoints through run.py ------------------------------------------------------
 
-ARGS = ["--model", "tiny", "--steps", "12", "--seq-len", "32", "--batch-size", "8", "--data", "synthetic",
-        "--sample-len", "4", "--checkpoint-every", "4", "--keep", "2", "--lean"]
+ARGS = [
+    "--model",
+    "tiny",
+    "--steps",
+    "12",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "8",
+    "--data",
+    "synthetic",
+    "--sample-len",
+    "4",
+    "--checkpoint-every",
+    "4",
+    "--keep",
+    "2",
+    "--lean",
+]
 
 
 @pytest.fixture(scope="module")
 def killed_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("kill") / "out"
     env = subprocess_env()
-    p = subprocess.Popen([sys.executable, str(ROOT / "experiments" / "run.py"), *ARGS, "--mesh", "2x4",
-                          "--out", str(out)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    p = subprocess.Popen(
+        [sys.executable, str(ROOT / "experiments" / "run.py"), *ARGS, "--mesh", "2x4", "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
     for line in p.stdout:
         if "checkpoint saved at step 8" in line:
             p.send_signal(signal.SIGKILL)
@@ -124,8 +145,13 @@ def test_resume_after_sigkill_is_exact(tiny, killed_run):
     # A half-written checkpoint (what a kill during a save leaves) must be ignored by --resume.
     (out / "checkpoints" / "12.orbax-checkpoint-tmp-1234").mkdir()
     (out / "checkpoints" / "12.orbax-checkpoint-tmp-1234" / "junk").write_text("partial")
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), *ARGS, "--mesh", "2x4",
-                           "--out", str(out), "--resume"], capture_output=True, text=True, env=env, timeout=400)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "experiments" / "run.py"), *ARGS, "--mesh", "2x4", "--out", str(out), "--resume"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed from step 8" in proc.stdout
     losses = json.loads((out / "report.json").read_text())["loss"]
@@ -151,9 +177,24 @@ def test_resume_on_another_mesh_within_1e6(tiny, killed_run):
 def test_resume_with_another_config_is_refused(killed_run):
     out, env = killed_run
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "run.py"), *ARGS, "--mesh", "2x4",
-                           "--out", str(out), "--resume", "--lr", "0.01"], capture_output=True, text=True,
-                          env=env, timeout=400)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "run.py"),
+            *ARGS,
+            "--mesh",
+            "2x4",
+            "--out",
+            str(out),
+            "--resume",
+            "--lr",
+            "0.01",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=400,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "different train" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before

@@ -2,10 +2,10 @@
 
 import jax
 import pytest
+from conftest import batch_tokens
 from flax import nnx
 
 import jaxtp
-from conftest import batch_tokens
 
 pytestmark = pytest.mark.timeout(300)
 

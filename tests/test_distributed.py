@@ -10,24 +10,38 @@ import time
 
 import numpy as np
 import pytest
+from conftest import reference_losses, subprocess_env
 
 import jaxtp
 from jaxtp import checkpoint, data, train
 from jaxtp.distributed import free_port
-from conftest import reference_losses, subprocess_env
 
 pytestmark = pytest.mark.timeout(420)
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 RUN = str(ROOT / "experiments" / "run.py")
-ARGS = ["--model", "tiny", "--mesh", "2x4", "--seq-len", "32", "--batch-size", "8", "--data", "synthetic",
-        "--sample-len", "4", "--lean"]
+ARGS = [
+    "--model",
+    "tiny",
+    "--mesh",
+    "2x4",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "8",
+    "--data",
+    "synthetic",
+    "--sample-len",
+    "4",
+    "--lean",
+]
 ENV = subprocess_env()
 
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory, tiny):
     """Steps 0-3 in this (single) process, checkpointed; `run.py --processes 2 --resume` finishes the
-    12-step run, checkpointing every 4 steps: one launch covers both directions of resuming."""
+    12-step run, checkpointing every 4 steps: one launch covers both directions of resuming. `--processes=2`
+    here, `--processes 2` in test_launcher_stops_the_others_when_one_dies: both spellings launch."""
     out = tmp_path_factory.mktemp("mp") / "out"
     mesh = jaxtp.make_mesh("2x4")
     corpus = data.load_corpus("synthetic")
@@ -39,8 +53,25 @@ def two_process_run(tmp_path_factory, tiny):
     ckpts.save(4, tr.params, tr.opt_state, {**identity, "loss": losses})
     ckpts.wait()
     ckpts.close()
-    proc = subprocess.run([sys.executable, RUN, "--processes", "2", *ARGS, "--steps", "12", "--checkpoint-every", "4",
-                           "--out", str(out), "--resume"], capture_output=True, text=True, env=ENV, timeout=400)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            RUN,
+            "--processes=2",
+            *ARGS,
+            "--steps",
+            "12",
+            "--checkpoint-every",
+            "4",
+            "--out",
+            str(out),
+            "--resume",
+        ],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=400,
+    )
     return proc, out
 
 
@@ -58,8 +89,9 @@ def test_checkpoint_of_two_processes_resumes_in_one(tiny, two_process_run):
     _, out = two_process_run
     ref = reference_losses(tiny, "2x4", steps=12)
     mesh = jaxtp.make_mesh("2x4")
-    tr = train.Trainer.create(jaxtp.Transformer.create(tiny, mesh, seed=1), train.TrainConfig(
-        steps=12, batch_size=8, seq_len=32, lr=3e-3))
+    tr = train.Trainer.create(
+        jaxtp.Transformer.create(tiny, mesh, seed=1), train.TrainConfig(steps=12, batch_size=8, seq_len=32, lr=3e-3)
+    )
     ckpts = checkpoint.TrainCheckpoints(out / "checkpoints")
     step, tr.params, tr.opt_state, meta = ckpts.restore(tr.params, tr.opt_state, step=8)
     ckpts.close()
@@ -71,9 +103,27 @@ def test_checkpoint_of_two_processes_resumes_in_one(tiny, two_process_run):
 def test_missing_peer_fails_fast_in_one_line(tmp_path):
     env = {**ENV, "JAXTP_INIT_TIMEOUT": "5"}
     t = time.time()
-    proc = subprocess.run([sys.executable, RUN, *ARGS, "--steps", "2", "--out", str(tmp_path / "o"), "--coordinator",
-                           f"127.0.0.1:{free_port()}", "--num-processes", "2", "--process-id", "0"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            RUN,
+            *ARGS,
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "o"),
+            "--coordinator",
+            f"127.0.0.1:{free_port()}",
+            "--num-processes",
+            "2",
+            "--process-id",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode != 0 and time.time() - t < 120
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "could not join the run" in errors[0], proc.stderr[-2000:]
@@ -83,10 +133,30 @@ def test_missing_peer_fails_fast_in_one_line(tmp_path):
 def test_killed_peer_makes_the_survivor_exit_nonzero(tmp_path):
     env = {**ENV, "JAXTP_HEARTBEAT_TIMEOUT": "5"}  # the survivor notices in ~5 s instead of 15
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, RUN, *ARGS, "--steps", "2000", "--out", str(tmp_path / f"o{i}"),
-                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                RUN,
+                *ARGS,
+                "--steps",
+                "2000",
+                "--out",
+                str(tmp_path / f"o{i}"),
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
     for line in procs[0].stdout:
         if "== training" in line:
             break
@@ -103,13 +173,20 @@ def test_killed_peer_makes_the_survivor_exit_nonzero(tmp_path):
 
 def test_launcher_stops_the_others_when_one_dies(tmp_path):
     """Kill one child of `run.py --processes 2`: the launcher kills the other and exits non-zero."""
-    launcher = subprocess.Popen([sys.executable, RUN, "--processes", "2", *ARGS, "--steps", "2000",
-                                 "--out", str(tmp_path / "o")], env=ENV, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+    launcher = subprocess.Popen(
+        [sys.executable, RUN, "--processes", "2", *ARGS, "--steps", "2000", "--out", str(tmp_path / "o")],
+        env=ENV,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     for line in launcher.stdout:
         if "[p0] == training" in line:
             break
-    children = subprocess.run(["pgrep", "-f", "--", f"--out {tmp_path / 'o'}"], capture_output=True, text=True).stdout.split()
+    children = subprocess.run(
+        ["pgrep", "-f", "--", f"--out {tmp_path / 'o'}"], capture_output=True, text=True
+    ).stdout.split()
     victims = [int(c) for c in children if int(c) != launcher.pid]
     assert len(victims) >= 2  # each launched process is a supervisor plus its worker
     os.kill(victims[-1], signal.SIGKILL)

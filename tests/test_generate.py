@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import jaxtp
-from jaxtp.generate import TRACES, _decode_step_jit, _prefill_jit, cache_bytes_per_device, decode_step_lowered
+from jaxtp.generation import TRACES, cache_bytes_per_device, decode_step, decode_step_lowered, prefill
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -64,11 +64,11 @@ def naive_greedy(model, prompt_BS, lengths_B, n):
     """Re-run the full forward every token (no cache) over a fixed-width buffer: causal attention makes the
     columns after the current position irrelevant, and one buffer width means one compile per model."""
     buf = np.zeros((prompt_BS.shape[0], prompt_BS.shape[1] + n), np.int32)
-    buf[:, :prompt_BS.shape[1]] = prompt_BS
+    buf[:, : prompt_BS.shape[1]] = prompt_BS
     rows = np.arange(len(lengths_B))
     tokens, logits = [], []
     for i in range(n):
-        step_logits = np.asarray(_forward(model, buf))[rows, lengths_B - 1 + i, :model.cfg.vocab_size]
+        step_logits = np.asarray(_forward(model, buf))[rows, lengths_B - 1 + i, : model.cfg.vocab_size]
         tok = step_logits.argmax(-1).astype(np.int32)
         buf[rows, lengths_B + i] = tok
         tokens.append(tok)
@@ -94,6 +94,7 @@ def greedy_runs(models, prompt):
 
 # ------------------------------------------------------------------------------- cached == naive
 
+
 @pytest.mark.parametrize("spec", SPECS)
 def test_cached_greedy_equals_naive(greedy_runs, spec):
     (tokens, logits), (naive_tokens, naive_logits), compiled = greedy_runs(spec)
@@ -101,7 +102,7 @@ def test_cached_greedy_equals_naive(greedy_runs, spec):
     assert logits.shape == (B, NEW, 256)
     np.testing.assert_array_equal(tokens, naive_tokens)
     np.testing.assert_allclose(logits, naive_logits, atol=1e-5, rtol=0)
-    assert compiled.count("jit(_prefill)") == 1 and compiled.count("jit(_decode_step)") == 1, compiled
+    assert compiled.count("jit(prefill)") == 1 and compiled.count("jit(decode_step)") == 1, compiled
 
 
 def test_meshes_agree(greedy_runs):
@@ -131,11 +132,11 @@ def test_decode_step_compiles_once(models, prompt):
     before = dict(TRACES)
     with xla_compiles() as compiled:
         jaxtp.generate(model, prompt[:2, :5], 14, temperature=0)  # 13 decode steps
-        assert compiled.count("jit(_decode_step)") == 1 and compiled.count("jit(_prefill)") == 1, compiled
+        assert compiled.count("jit(decode_step)") == 1 and compiled.count("jit(prefill)") == 1, compiled
         jaxtp.generate(model, prompt[2:, :5], 14, temperature=0)  # new values, same shapes: nothing compiles
         jaxtp.generate(model, prompt[:2, :3], 14, temperature=0, cache_len=19)  # new prompt length, same cache
-    assert compiled.count("jit(_decode_step)") == 1, compiled
-    assert compiled.count("jit(_prefill)") == 2, compiled  # only the new prompt length
+    assert compiled.count("jit(decode_step)") == 1, compiled
+    assert compiled.count("jit(prefill)") == 2, compiled  # only the new prompt length
     assert TRACES["decode_step"] - before.get("decode_step", 0) == 1
     assert TRACES["prefill"] - before.get("prefill", 0) == 2
 
@@ -145,7 +146,7 @@ def test_variable_lengths_equal_each_row_alone(models, prompt):
     model, lengths = models("1x1"), np.array([5, 3])
     batch = jaxtp.generate(model, prompt[:2, :5], 14, temperature=0, prompt_lengths=lengths)
     for b, length in enumerate(lengths):
-        alone = jaxtp.generate(model, prompt[b:b + 1, :length], 14, temperature=0, cache_len=19)
+        alone = jaxtp.generate(model, prompt[b : b + 1, :length], 14, temperature=0, cache_len=19)
         np.testing.assert_array_equal(batch[b], alone[0], err_msg=f"row {b} (length {length})")
 
 
@@ -157,18 +158,19 @@ def test_eos_pads_with_eos_and_stops_early(models):
     first = int(np.argmax(free[0] == eos))
     stats = {}
     got = jaxtp.generate(model, same, NEW, temperature=0, eos_id=eos, stats=stats)
-    np.testing.assert_array_equal(got[:, :first + 1], free[:, :first + 1])
+    np.testing.assert_array_equal(got[:, : first + 1], free[:, : first + 1])
     assert (got[:, first:] == eos).all()
     assert stats["decode_steps"] < NEW - 1  # stopped before max_new_tokens once every row was done
     # Several eos ids (a chat model's end-of-turn and end-of-text): the first one hit stops the row, which is
     # then padded with the first id of the list.
     other = int(free[0, 2]) if int(free[0, 2]) != eos else 255
     several = jaxtp.generate(model, same, NEW, temperature=0, eos_id=[other, eos])
-    np.testing.assert_array_equal(several[:, :first + 1], free[:, :first + 1])
-    assert (several[:, first + 1:] == other).all()
+    np.testing.assert_array_equal(several[:, : first + 1], free[:, : first + 1])
+    assert (several[:, first + 1 :] == other).all()
 
 
 # ------------------------------------------------------------------------------------ the cache
+
 
 def test_cache_is_sharded_by_the_rules_and_donated(models, greedy_runs, prompt):
     greedy_runs("2x4"), greedy_runs("1x8")  # reuse compiled shapes
@@ -180,16 +182,29 @@ def test_cache_is_sharded_by_the_rules_and_donated(models, greedy_runs, prompt):
         graphdef, state = nnx.split(model)
         tokens = jax.device_put(prompt, layout.sharding(("batch", "seq")))
         offsets = jax.device_put(np.zeros((B,), np.int32), layout.sharding(("batch",)))
-        caches, logits = _prefill_jit(graphdef, state, tokens, offsets, S + NEW)
+        caches, logits = prefill(graphdef, state, tokens, offsets, S + NEW)
         assert len(caches) == model.cfg.n_layers
         for k, v in caches:
             assert k.shape == v.shape == (B, S + NEW, 4, model.cfg.head_dim)
             assert k.sharding.is_equivalent_to(want, 4) and v.sharding.is_equivalent_to(want, 4), (spec, k.sharding)
         i32 = lambda x: jax.device_put(np.asarray(x, np.int32), layout.sharding(("batch",)))
         done = jax.device_put(np.zeros(B, bool), layout.sharding(("batch",)))
-        out = _decode_step_jit(graphdef, (True, False, False), state, caches, i32(np.zeros(B)), jnp.int32(S),
-                               offsets, done, jax.random.key(0), jnp.int32(1), jnp.float32(1), jnp.int32(0),
-                               jnp.float32(1), jnp.asarray([-1], jnp.int32))
+        out = decode_step(
+            graphdef,
+            (True, False, False),
+            state,
+            caches,
+            i32(np.zeros(B)),
+            jnp.int32(S),
+            offsets,
+            done,
+            jax.random.key(0),
+            jnp.int32(1),
+            jnp.float32(1),
+            jnp.int32(0),
+            jnp.float32(1),
+            jnp.asarray([-1], jnp.int32),
+        )
         assert caches[0][0].is_deleted(), "the cache was not donated to the decode step"
         assert out[0][0][0].sharding.is_equivalent_to(want, 4)
 
@@ -197,24 +212,31 @@ def test_cache_is_sharded_by_the_rules_and_donated(models, greedy_runs, prompt):
 def test_two_model_all_reduces_per_layer_per_decode_step(tiny, models):
     mesh = jaxtp.make_mesh("2x4")
     one = jaxtp.Transformer.create(tiny.replace(n_layers=1), mesh)
-    c1, c2 = (jaxtp.hlo.parse_collectives(decode_step_lowered(m, B, S + NEW).compile().as_text(), mesh)
-              for m in (one, models("2x4")))
+    c1, c2 = (
+        jaxtp.hlo.parse_collectives(decode_step_lowered(m, B, S + NEW).compile().as_text(), mesh)
+        for m in (one, models("2x4"))
+    )
     per_layer = c2 - c1
     assert {k: v["count"] for k, v in per_layer.items() if v["count"]} == {"all-reduce@model": 2}, per_layer
     assert per_layer["all-reduce@model"]["bytes"] == 2 * (B // 2) * tiny.d_model * 4  # [B/data, 1, D] f32 each
     assert c2.count("all-reduce", "data") == 0
 
 
-@pytest.mark.parametrize("spec, kv_cache_dtype, kv_block", [("2x4", "int8", 256), ("2x4", None, 4), ("2x4", "int8", 4),
-                                                            ("1x8", "int8", 4)])
+@pytest.mark.parametrize(
+    "spec, kv_cache_dtype, kv_block", [("2x4", "int8", 256), ("2x4", None, 4), ("2x4", "int8", 4), ("1x8", "int8", 4)]
+)
 def test_two_model_all_reduces_per_layer_with_int8_kv_and_the_block_loop(tiny, models, spec, kv_cache_dtype, kv_block):
     """int8 K/V (quantised at write, dequantised per block) and the decode attention's loop over key blocks
     (kv_block=4 on 17 slots: a trip count set by the slot) add no collective; 1x8 replicates the kv heads."""
     mesh = jaxtp.make_mesh(spec)
     one = jaxtp.Transformer.create(tiny.replace(n_layers=1), mesh)
-    c1, c2 = (jaxtp.hlo.parse_collectives(decode_step_lowered(m, B, S + NEW, kv_cache_dtype=kv_cache_dtype,
-                                                              kv_block=kv_block).compile().as_text(), mesh)
-              for m in (one, models(spec)))
+    c1, c2 = (
+        jaxtp.hlo.parse_collectives(
+            decode_step_lowered(m, B, S + NEW, kv_cache_dtype=kv_cache_dtype, kv_block=kv_block).compile().as_text(),
+            mesh,
+        )
+        for m in (one, models(spec))
+    )
     per_layer = c2 - c1
     assert {k: v["count"] for k, v in per_layer.items() if v["count"]} == {"all-reduce@model": 2}, per_layer
     rows = B // dict(mesh.shape)["data"]
@@ -223,6 +245,7 @@ def test_two_model_all_reduces_per_layer_with_int8_kv_and_the_block_loop(tiny, m
 
 
 # --------------------------------------------------------------------------------------- sampling
+
 
 def test_top_k_keeps_exactly_the_k_best():
     logits = jnp.array([[1.0, 5.0, 3.0, 4.0, 2.0], [0.0, 0.0, 0.0, -1.0, 9.0]])
@@ -256,7 +279,7 @@ def test_sampling_frequencies_follow_the_filtered_distribution():
         want[allowed] = probs[allowed] / probs[allowed].sum()
         np.testing.assert_allclose(freq, want, atol=0.015, err_msg=str(kw))
     hot = np.asarray(jaxtp.sample_logits(logits, key, temperature=0.25))  # same compiled program as dict()
-    assert abs(np.mean(hot == 0) - probs[0] ** 4 / np.sum(probs ** 4)) < 0.015  # temperature 1/4: p^4
+    assert abs(np.mean(hot == 0) - probs[0] ** 4 / np.sum(probs**4)) < 0.015  # temperature 1/4: p^4
     np.testing.assert_array_equal(jaxtp.sample_logits(logits[:4], key, temperature=0), [0] * 4)  # greedy
 
 
@@ -273,20 +296,24 @@ def test_seeded_sampling_is_reproducible(models, prompt):
 
 # ----------------------------------------------------------------------------------------- errors
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(max_new_tokens=60), r"prompt length 7 \+ max_new_tokens 60 = 67 exceeds the model's max_seq_len=64"),
-    (dict(prompt_tokens_BS=np.zeros((2, 0), np.int32)), "empty prompt"),
-    (dict(prompt_lengths=[7, 0, 3, 3]), "empty prompt: row 1"),
-    (dict(temperature=-0.5), "temperature must be"),
-    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
-    (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
-    (dict(top_k=0), "top_k must be an integer >= 1"),
-    (dict(max_new_tokens=0), "max_new_tokens must be"),
-    (dict(prompt_tokens_BS=np.full((4, 7), 300)), r"prompt token ids must lie in \[0, 256\)"),
-    (dict(prompt_tokens_BS=np.zeros(7, np.int32)), r"\[batch, seq\]"),
-    (dict(eos_id=256), "eos_id must be an id or a list of ids in"),
-    (dict(cache_len=65), "cache_len=65 must lie"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(max_new_tokens=60), r"prompt length 7 \+ max_new_tokens 60 = 67 exceeds the model's max_seq_len=64"),
+        (dict(prompt_tokens_BS=np.zeros((2, 0), np.int32)), "empty prompt"),
+        (dict(prompt_lengths=[7, 0, 3, 3]), "empty prompt: row 1"),
+        (dict(temperature=-0.5), "temperature must be"),
+        (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+        (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
+        (dict(top_k=0), "top_k must be an integer >= 1"),
+        (dict(max_new_tokens=0), "max_new_tokens must be"),
+        (dict(prompt_tokens_BS=np.full((4, 7), 300)), r"prompt token ids must lie in \[0, 256\)"),
+        (dict(prompt_tokens_BS=np.zeros(7, np.int32)), r"\[batch, seq\]"),
+        (dict(eos_id=256), "eos_id must be an id or a list of ids in"),
+        (dict(cache_len=65), "cache_len=65 must lie"),
+    ],
+)
 def test_bad_input_raises_value_error(models, prompt, kwargs, match):
     args = dict(prompt_tokens_BS=prompt, max_new_tokens=4) | kwargs
     with pytest.raises(ValueError, match=match):
@@ -300,6 +327,7 @@ def test_sampling_function_validates(kwargs):
 
 
 # ------------------------------------------------------------------------------------ precisions
+
 
 @pytest.mark.parametrize("precision", ["bf16", "int8"])
 def test_generates_from_cast_models(models, greedy_runs, prompt, precision):

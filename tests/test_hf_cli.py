@@ -14,18 +14,16 @@ import shutil
 import subprocess
 import sys
 
+import generate as generate_cli  # experiments/generate.py (pyproject's pytest pythonpath)
 import numpy as np
 import pytest
-
-import jaxtp
+import run
 from conftest import subprocess_env
 from hf_tiny import TEXT, make_checkpoint
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "experiments"))
+import jaxtp
 
-import generate as generate_cli  # noqa: E402
-import run  # noqa: E402
+ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.timeout(300)
 BATCH, SEQ, STEPS = 8, 32, 8
@@ -50,8 +48,26 @@ def text_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def finetune(ckpt, text_file, tmp_path_factory):
     base = tmp_path_factory.mktemp("finetune")
-    args = ["--hf", str(ckpt), "--data", str(text_file), "--mesh", "2x4", "--steps", str(STEPS), "--seq-len",
-            str(SEQ), "--batch-size", str(BATCH), "--lr", "1e-2", "--sample-len", "8", "--checkpoint-every", "4"]
+    args = [
+        "--hf",
+        str(ckpt),
+        "--data",
+        str(text_file),
+        "--mesh",
+        "2x4",
+        "--steps",
+        str(STEPS),
+        "--seq-len",
+        str(SEQ),
+        "--batch-size",
+        str(BATCH),
+        "--lr",
+        "1e-2",
+        "--sample-len",
+        "8",
+        "--checkpoint-every",
+        "4",
+    ]
     assert run.main([*args, "--out", str(base / "out"), "--export-hf", str(base / "export")]) == 0
     return args, base, json.loads((base / "out" / "report.json").read_text())
 
@@ -61,7 +77,7 @@ def heldout_windows(ckpt, text_file):
     tok = jaxtp.hf.tokenizer(ckpt)
     corpus = jaxtp.data.tokenize(jaxtp.data.load_corpus(str(text_file)), tok)
     starts = jaxtp.data.eval_starts(len(corpus.heldout), BATCH, SEQ)
-    return tok, np.stack([corpus.heldout[s:s + SEQ + 1] for s in starts])
+    return tok, np.stack([corpus.heldout[s : s + SEQ + 1] for s in starts])
 
 
 def test_finetune_lowers_heldout_loss_and_reports(finetune):
@@ -95,8 +111,9 @@ def test_export_loads_in_transformers_with_the_finetuned_loss(finetune, ckpt, te
     _, windows = heldout_windows(ckpt, text_file)
     with torch.no_grad():
         logits = model(torch.tensor(windows[:, :-1], dtype=torch.long)).logits
-    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
-                                             torch.tensor(windows[:, 1:], dtype=torch.long).reshape(-1))
+    loss = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), torch.tensor(windows[:, 1:], dtype=torch.long).reshape(-1)
+    )
     assert float(loss) == pytest.approx(r["eval"]["f32"]["loss"], rel=1e-5)
     assert (base / "export" / "tokenizer.json").is_file()
 
@@ -117,11 +134,14 @@ def test_plan_from_config_json_alone(ckpt, tmp_path, capsys):
     assert "D=64, L=2, N=8, K=4, F=128, V=320" in out and "batch 4 x seq 128" in out
 
 
-@pytest.mark.parametrize("extra,fragment", [
-    (["--export-hf", "EXISTING"], "already exists and is not empty"),
-    (["--seq-len", "129"], "outside 1..128"),
-    (["--hf", "MISSING"], "no checkpoint directory"),
-])
+@pytest.mark.parametrize(
+    "extra,fragment",
+    [
+        (["--export-hf", "EXISTING"], "already exists and is not empty"),
+        (["--seq-len", "129"], "outside 1..128"),
+        (["--hf", "MISSING"], "no checkpoint directory"),
+    ],
+)
 def test_run_hf_bad_input_is_refused_before_training(ckpt, tmp_path, capsys, extra, fragment):
     existing = tmp_path / "existing"
     existing.mkdir()
@@ -142,26 +162,43 @@ def test_export_needs_hf(tmp_path, capsys):
 def test_generate_streams_what_jaxtp_generate_returns(finetune, capsys):
     _, base, _ = finetune
     export = base / "export"
-    argv = ["--hf", str(export), "--mesh", "1x8", "--precision", "int8", "--prompt", "The quick brown fox",
-            "--chat", "--temperature", "0", "--max-new-tokens", "24"]
+    argv = [
+        "--hf",
+        str(export),
+        "--mesh",
+        "1x8",
+        "--precision",
+        "int8",
+        "--prompt",
+        "The quick brown fox",
+        "--chat",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "24",
+    ]
     assert generate_cli.main(argv) == 0
     out = capsys.readouterr().out
     streamed = out.split(generate_cli.RULE + "\n", 1)[1].rsplit("\n" + generate_cli.RULE, 1)[0]
-    for pattern in (r"^prefill: \d+ tokens in .* tokens/s$", r"^decode: \d+ tokens in .* tokens/s ",
-                    r"^KV cache: [\d.,]+ [KMG]?i?B per device"):
+    for pattern in (
+        r"^prefill: \d+ tokens in .* tokens/s$",
+        r"^decode: \d+ tokens in .* tokens/s ",
+        r"^KV cache: [\d.,]+ [KMG]?i?B per device",
+    ):
         assert re.search(pattern, out, re.M), pattern
 
     tok = jaxtp.hf.tokenizer(export)
     ids = tok.apply_chat_template([{"role": "user", "content": "The quick brown fox"}], tokenize=True)
-    assert ids[0] == tok.bos_token_id and ids == tok.encode(tok.apply_chat_template(
-        [{"role": "user", "content": "The quick brown fox"}]), add_special_tokens=False)  # BOS once, from the template
+    assert ids[0] == tok.bos_token_id and ids == tok.encode(
+        tok.apply_chat_template([{"role": "user", "content": "The quick brown fox"}]), add_special_tokens=False
+    )  # BOS once, from the template
     model = jaxtp.hf.load(export, jaxtp.make_mesh("1x8"), precision="int8")
     seen = []  # on_token sees every token as it is sampled (generation may stop early after eos: then fewer)
     out_BT = jaxtp.generate(model, np.asarray([ids]), 24, temperature=0, eos_id=tok.eos_token_ids, on_token=seen.append)
-    assert np.array_equal(np.stack(seen, axis=1), out_BT[:, :len(seen)])
-    assert np.all(out_BT[:, len(seen):] == tok.eos_token_id)
+    assert np.array_equal(np.stack(seen, axis=1), out_BT[:, : len(seen)])
+    assert np.all(out_BT[:, len(seen) :] == tok.eos_token_id)
     expected = out_BT[0].tolist()
-    expected = expected[:expected.index(tok.eos_token_id)] if tok.eos_token_id in expected else expected
+    expected = expected[: expected.index(tok.eos_token_id)] if tok.eos_token_id in expected else expected
     assert expected, "the greedy continuation is empty: nothing was streamed"
     assert streamed == tok.decode(expected, skip_special_tokens=True)
 
@@ -184,15 +221,18 @@ def bad_checkpoints(ckpt, tmp_path):
     return dirs
 
 
-@pytest.mark.parametrize("name,extra,fragment", [
-    ("missing", [], "no checkpoint directory"),
-    ("no_config", [], "has no config.json"),
-    ("no_weights", [], "has no weights"),
-    ("gpt2", [], "'GPT2LMHeadModel' is not supported"),
-    ("ok", ["--prompt", "word " * 200], "no room to generate"),
-    ("ok", ["--max-new-tokens", "0"], "--max-new-tokens must be a positive"),
-    ("ok", ["--top-p", "1.5"], "top_p must be in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "name,extra,fragment",
+    [
+        ("missing", [], "no checkpoint directory"),
+        ("no_config", [], "has no config.json"),
+        ("no_weights", [], "has no weights"),
+        ("gpt2", [], "'GPT2LMHeadModel' is not supported"),
+        ("ok", ["--prompt", "word " * 200], "no room to generate"),
+        ("ok", ["--max-new-tokens", "0"], "--max-new-tokens must be a positive"),
+        ("ok", ["--top-p", "1.5"], "top_p must be in (0, 1]"),
+    ],
+)
 def test_generate_bad_input(ckpt, bad_checkpoints, tmp_path, capsys, name, extra, fragment):
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     hf = bad_checkpoints.get(name, ckpt)
@@ -203,10 +243,36 @@ def test_generate_bad_input(ckpt, bad_checkpoints, tmp_path, capsys, name, extra
     assert captured.out == "" and sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
+def test_generate_internal_error_keeps_its_traceback(ckpt, monkeypatch, capsys):
+    """A ValueError from inside the library (not a check of the user's input) is a bug: it propagates."""
+
+    def bug(*args, **kwargs):
+        raise ValueError("an internal error")
+
+    monkeypatch.setattr(jaxtp.hf, "load", bug)
+    with pytest.raises(ValueError, match="an internal error"):
+        generate_cli.main(["--hf", str(ckpt), "--prompt", "hi"])
+    assert "error:" not in capsys.readouterr().err
+
+
 def test_generate_fakes_devices_and_names_the_meshes_that_work(ckpt):
     """A real process (no device flag from conftest): 1x3 needs 3 of the 8 faked CPU devices, then the heads check."""
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "generate.py"), "--hf", str(ckpt), "--mesh",
-                           "1x3", "--prompt", "hi"], capture_output=True, text=True, timeout=120, env=subprocess_env())
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "generate.py"),
+            "--hf",
+            str(ckpt),
+            "--mesh",
+            "1x3",
+            "--prompt",
+            "hi",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=subprocess_env(),
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     err = proc.stderr.strip()
     assert err.startswith("error: n_heads=8") and "meshes that work" in err and len(err.splitlines()) == 1, err

@@ -4,16 +4,16 @@ import json
 import pathlib
 import shutil
 
+import jax
 import ml_dtypes
 import numpy as np
 import pytest
 from flax import nnx
+from hf_tiny import VARIANTS, VOCAB, make_all, make_checkpoint
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-import jax
 import jaxtp
-from hf_tiny import VARIANTS, VOCAB, make_all, make_checkpoint
 from jaxtp.hf import CheckpointError
 
 torch = pytest.importorskip("torch")
@@ -70,15 +70,17 @@ def test_bf16_checkpoint_loads_bit_identical(tmp_path, mesh):
     make_checkpoint("qwen3", tmp_path, dtype=torch.bfloat16)
     model = jaxtp.hf.load(tmp_path, mesh, precision="bf16")
     with safe_open(str(tmp_path / "model.safetensors"), framework="numpy") as f:
-        for name, ours in [("model.layers.1.self_attn.o_proj.weight", model.blocks[1].attn.o.kernel),
-                           ("model.layers.0.self_attn.q_norm.weight", model.blocks[0].attn.q_norm.scale),
-                           ("model.embed_tokens.weight", model.embed.table)]:
+        for name, ours in [
+            ("model.layers.1.self_attn.o_proj.weight", model.blocks[1].attn.o.kernel),
+            ("model.layers.0.self_attn.q_norm.weight", model.blocks[0].attn.q_norm.scale),
+            ("model.embed_tokens.weight", model.embed.table),
+        ]:
             ref = f.get_tensor(name)
             ours = np.asarray(ours[...])
             assert ours.dtype == ml_dtypes.bfloat16
             if ours.ndim == 3:  # o kernel [N, H, D] <- o_proj [D, N*H]
                 ours = ours.reshape(-1, ours.shape[-1]).T
-            np.testing.assert_array_equal(ours[:ref.shape[0]].view(np.uint16), ref.view(np.uint16))
+            np.testing.assert_array_equal(ours[: ref.shape[0]].view(np.uint16), ref.view(np.uint16))
 
 
 @pytest.mark.parametrize("kind,mesh_spec", [("llama", "2x4"), ("qwen2", "1x8")])
@@ -106,6 +108,7 @@ def test_config_alone_plans_without_weights(checkpoints, tmp_path):
 
 # ------------------------------------------------------------------------------------------ bad input
 
+
 def broken_copy(src, dst):
     shutil.copytree(src, dst)
     return dst
@@ -129,22 +132,40 @@ def set_config(directory, **changes):
 BAD = {
     "missing config": (lambda d: (d / "config.json").unlink(), "no config.json"),
     "missing weights": (lambda d: (d / "model.safetensors").unlink(), "has no weights"),
-    "architecture": (lambda d: set_config(d, architectures=["GPT2LMHeadModel"]),
-                     "not supported; jaxtp.hf loads LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"),
+    "architecture": (
+        lambda d: set_config(d, architectures=["GPT2LMHeadModel"]),
+        "not supported; jaxtp.hf loads LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM",
+    ),
     "shape": (lambda d: set_config(d, intermediate_size=96), "has shape .* but config.json implies"),
-    "dtype": (lambda d: rewrite_weights(d, lambda t: t.update({"model.norm.weight": t["model.norm.weight"].astype(
-        np.int32)})), "dtype I32"),
-    "missing tensor": (lambda d: rewrite_weights(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight")),
-                       "lacks tensor 'model.layers.1.mlp.up_proj.weight'"),
-    "extra tensor": (lambda d: rewrite_weights(d, lambda t: t.update({"model.layers.2.mlp.up_proj.weight": np.zeros(
-        (2, 2), np.float32)})), "does not imply, e.g. 'model.layers.2.mlp.up_proj.weight'"),
-    "truncated": (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-100]),
-                  "truncated"),
-    "corrupt header": (lambda d: (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json!!!"
-                                                                         + b"\x00" * 64), "truncated or corrupt"),
+    "dtype": (
+        lambda d: rewrite_weights(
+            d, lambda t: t.update({"model.norm.weight": t["model.norm.weight"].astype(np.int32)})
+        ),
+        "dtype I32",
+    ),
+    "missing tensor": (
+        lambda d: rewrite_weights(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight")),
+        "lacks tensor 'model.layers.1.mlp.up_proj.weight'",
+    ),
+    "extra tensor": (
+        lambda d: rewrite_weights(
+            d, lambda t: t.update({"model.layers.2.mlp.up_proj.weight": np.zeros((2, 2), np.float32)})
+        ),
+        "does not imply, e.g. 'model.layers.2.mlp.up_proj.weight'",
+    ),
+    "truncated": (
+        lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-100]),
+        "truncated",
+    ),
+    "corrupt header": (
+        lambda d: (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json!!!" + b"\x00" * 64),
+        "truncated or corrupt",
+    ),
     "sliding window": (lambda d: set_config(d, sliding_window=64, use_sliding_window=True), "sliding_window=64"),
-    "rope type": (lambda d: set_config(d, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
-                  "rope_type 'yarn' is not supported"),
+    "rope type": (
+        lambda d: set_config(d, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
+        "rope_type 'yarn' is not supported",
+    ),
 }
 
 
@@ -207,13 +228,18 @@ def test_each_element_is_read_once(checkpoints, mesh_spec, monkeypatch):
     axis) share a read: the bytes read from the files equal the file's tensor bytes whatever the mesh. (Only
     addressable devices are read for, so each process of a multi-process run reads its own devices' slices.)"""
     from jaxtp.hf.files import RowReader
-    read, read_into = [], RowReader._read_into
-    monkeypatch.setattr(RowReader, "_read_into", lambda self, info, offset, view: read.append(len(view)) or
-                        read_into(self, info, offset, view))
+
+    read, read_into = [], RowReader.read_into
+    monkeypatch.setattr(
+        RowReader,
+        "read_into",
+        lambda self, info, offset, view: read.append(len(view)) or read_into(self, info, offset, view),
+    )
     jaxtp.hf.load(checkpoints["llama"], jaxtp.make_mesh(mesh_spec))
     with safe_open(str(checkpoints["llama"] / "model.safetensors"), framework="numpy") as f:
-        file_bytes = sum(f.get_slice(k).get_shape()[0] * int(np.prod(f.get_slice(k).get_shape()[1:])) * 4
-                         for k in f.keys())
+        file_bytes = sum(
+            f.get_slice(k).get_shape()[0] * int(np.prod(f.get_slice(k).get_shape()[1:])) * 4 for k in f.keys()
+        )
     assert sum(read) == file_bytes
 
 
@@ -231,12 +257,12 @@ def test_tensor_bytes_that_do_not_fit_its_shape_are_refused(checkpoints, mesh, t
     file = directory / "model.safetensors"
     raw = file.read_bytes()
     n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8:8 + n])
+    header = json.loads(raw[8 : 8 + n])
     name = "model.norm.weight"
     header[name]["shape"] = [header[name]["shape"][0] - 1]  # one element short of its bytes
     text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
     assert len(text) == n
-    file.write_bytes(raw[:8] + text + raw[8 + n:])
+    file.write_bytes(raw[:8] + text + raw[8 + n :])
     with pytest.raises(CheckpointError, match="is corrupt: tensor 'model.norm.weight'") as e:
         jaxtp.hf.load(directory, mesh)
     assert "\n" not in str(e.value)

@@ -5,12 +5,12 @@ Llama 3.2-style tied embeddings with llama3 RoPE scaling, Mistral, Qwen2 (q/k/v 
 (qk-norm, explicit head_dim). Error is max|jaxtp - transformers| / max|transformers| over the real vocab.
 """
 
+import jax
 import numpy as np
 import pytest
-
-import jax
-import jaxtp
 from hf_tiny import VARIANTS, VOCAB, make_all
+
+import jaxtp
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
@@ -24,8 +24,10 @@ PROMPT_BS = np.random.default_rng(0).integers(3, VOCAB, size=(2, 16)).astype(np.
 def checkpoints(tmp_path_factory):
     """{variant: (directory, torch model, its logits on PROMPT_BS)}, each built once."""
     with torch.no_grad():
-        return {kind: (directory, model, model(torch.tensor(PROMPT_BS, dtype=torch.long)).logits.numpy())
-                for kind, (directory, model) in make_all(tmp_path_factory.mktemp("hf")).items()}
+        return {
+            kind: (directory, model, model(torch.tensor(PROMPT_BS, dtype=torch.long)).logits.numpy())
+            for kind, (directory, model) in make_all(tmp_path_factory.mktemp("hf")).items()
+        }
 
 
 def rel_error(ours, ref):
@@ -46,14 +48,21 @@ def test_greedy_generation_matches_transformers(checkpoints, kind):
     model = jaxtp.hf.load(directory, jaxtp.make_mesh("2x4"))
     ours = jaxtp.generate(model, PROMPT_BS, max_new_tokens=32, temperature=0.0)
     with torch.no_grad():
-        theirs = torch_model.generate(torch.tensor(PROMPT_BS, dtype=torch.long), max_new_tokens=32, do_sample=False,
-                                      eos_token_id=None, pad_token_id=0).numpy()[:, PROMPT_BS.shape[1]:]
+        theirs = torch_model.generate(
+            torch.tensor(PROMPT_BS, dtype=torch.long),
+            max_new_tokens=32,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        ).numpy()[:, PROMPT_BS.shape[1] :]
     assert theirs.shape == (2, 32)
     np.testing.assert_array_equal(ours, theirs)
 
 
-@pytest.mark.parametrize("rules,mesh_spec,overrides", [
-    ("megatron", "2x4", {"scan_layers": True}), ("megatron-sp", "2x4", {}), ("fsdp", "data=2,fsdp=2,model=2", {})])
+@pytest.mark.parametrize(
+    "rules,mesh_spec,overrides",
+    [("megatron", "2x4", {"scan_layers": True}), ("megatron-sp", "2x4", {}), ("fsdp", "data=2,fsdp=2,model=2", {})],
+)
 def test_other_strategies_match_transformers(checkpoints, rules, mesh_spec, overrides):
     """Every new weight (tied table, biases, qk-norm scales) carries logical names, so every preset places it."""
     for kind in ("qwen2", "qwen3"):

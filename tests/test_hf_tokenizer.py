@@ -21,20 +21,41 @@ transformers = pytest.importorskip("transformers")
 
 pytestmark = pytest.mark.timeout(120)
 
-LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-               r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-CORPUS = ["The quick brown fox jumps over the lazy dog. What's the weather in Paris today?",
-          "Héllo wörld — naïve café, 東京 and emoji 🙂! You are a helpful assistant.",
-          "def f(x):\n    return x * 2\n\n", "Tabs\tand  double  spaces, numbers 12345 678.",
-          "user assistant system tool get_weather location unit celsius"] * 20
-LLAMA_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>",
-                  "<|eot_id|>", "<|eom_id|>", "<|python_tag|>"]
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. What's the weather in Paris today?",
+    "Héllo wörld — naïve café, 東京 and emoji 🙂! You are a helpful assistant.",
+    "def f(x):\n    return x * 2\n\n",
+    "Tabs\tand  double  spaces, numbers 12345 678.",
+    "user assistant system tool get_weather location unit celsius",
+] * 20
+LLAMA_SPECIALS = [
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|eom_id|>",
+    "<|python_tag|>",
+]
 QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-TEXTS = ["Hello world", "  leading and trailing  ", "line1\nline2\r\n\n\tindented\n",
-         "Héllo wörld — naïve café 東京 🙂", "numbers 1234567 and code: def f(x): return x*2",
-         "special <|eot_id|> inside<|im_start|>text<|im_end|>", "don't , ok . wait ! isn't", ""]
+TEXTS = [
+    "Hello world",
+    "  leading and trailing  ",
+    "line1\nline2\r\n\n\tindented\n",
+    "Héllo wörld — naïve café 東京 🙂",
+    "numbers 1234567 and code: def f(x): return x*2",
+    "special <|eot_id|> inside<|im_start|>text<|im_end|>",
+    "don't , ok . wait ! isn't",
+    "",
+]
 
 # Modelled on Llama 3.1's template: system header with dates, tools as indented JSON, role checks, trim.
 LLAMA3_TEMPLATE = """{{- bos_token }}
@@ -141,36 +162,67 @@ LEGACY_TEMPLATE = """{% for m in messages %}
 {% endfor %}
 """
 
-TOOLS = [{"type": "function", "function": {
-    "name": "get_weather", "description": "Weather <now> & 'later' in °C, for 東京 too",
-    "parameters": {"type": "object", "properties": {"location": {"type": "string"},
-                                                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
-                   "required": ["location"]}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather <now> & 'later' in °C, for 東京 too",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "location": {"type": "string"},
+                    "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]},
+                },
+                "required": ["location"],
+            },
+        },
+    }
+]
 CHATS = {
-    "plain": [{"role": "system", "content": "  You are a helpful assistant.  \n"},
-              {"role": "user", "content": "Héllo! What's 東京 like? 🙂\n\nTwo lines."},
-              {"role": "assistant", "content": "It's  nice.\t"},
-              {"role": "user", "content": "And <|eot_id|> or <|im_end|> as text?"}],
+    "plain": [
+        {"role": "system", "content": "  You are a helpful assistant.  \n"},
+        {"role": "user", "content": "Héllo! What's 東京 like? 🙂\n\nTwo lines."},
+        {"role": "assistant", "content": "It's  nice.\t"},
+        {"role": "user", "content": "And <|eot_id|> or <|im_end|> as text?"},
+    ],
     "no_system": [{"role": "user", "content": "hi"}],
 }
-TOOL_CHAT = [{"role": "user", "content": "Weather in Paris and 東京?"},
-             {"role": "assistant", "content": None, "tool_calls": [
-                 {"type": "function", "function": {"name": "get_weather", "arguments": {"location": "Paris"}}},
-                 {"type": "function", "function": {"name": "get_weather", "arguments": {"location": "東京"}}}]},
-             {"role": "tool", "content": "18 °C"}, {"role": "tool", "content": "<25> & sunny"}]
+TOOL_CHAT = [
+    {"role": "user", "content": "Weather in Paris and 東京?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"location": "Paris"}}},
+            {"type": "function", "function": {"name": "get_weather", "arguments": {"location": "東京"}}},
+        ],
+    },
+    {"role": "tool", "content": "18 °C"},
+    {"role": "tool", "content": "<25> & sunny"},
+]
 
 
 def _train(specials, split, normalizer=None):
     tok = Tokenizer(BPE())
     if normalizer is not None:
         tok.normalizer = normalizer
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=420, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False))
+    tok.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(
+            vocab_size=420,
+            special_tokens=specials,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        ),
+    )
     return tok
 
 
@@ -187,49 +239,98 @@ def ckpts(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf_tok")
     llama = _train(LLAMA_SPECIALS, LLAMA3_SPLIT)
     bos = llama.token_to_id("<|begin_of_text|>")
-    llama.post_processor = processors.Sequence([  # as Llama 3's tokenizer.json: BOS from the post-processor
-        processors.ByteLevel(trim_offsets=False),
-        processors.TemplateProcessing(single="<|begin_of_text|> $A",
-                                      pair="<|begin_of_text|> $A <|begin_of_text|>:1 $B:1",
-                                      special_tokens=[("<|begin_of_text|>", bos)])])
+    llama.post_processor = processors.Sequence(
+        [  # as Llama 3's tokenizer.json: BOS from the post-processor
+            processors.ByteLevel(trim_offsets=False),
+            processors.TemplateProcessing(
+                single="<|begin_of_text|> $A",
+                pair="<|begin_of_text|> $A <|begin_of_text|>:1 $B:1",
+                special_tokens=[("<|begin_of_text|>", bos)],
+            ),
+        ]
+    )
     eos_ids = [llama.token_to_id(t) for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")]
-    dirs = {"llama": _write(root / "llama", {
-        "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<|begin_of_text|>",
-                                  "eos_token": "<|eot_id|>", "clean_up_tokenization_spaces": True,
-                                  "model_max_length": 131072, "chat_template": LLAMA3_TEMPLATE},
-        "config.json": {"model_type": "llama", "vocab_size": llama.get_vocab_size(), "bos_token_id": bos,
-                        "eos_token_id": eos_ids},
-        "generation_config.json": {"bos_token_id": bos, "eos_token_id": eos_ids, "do_sample": True}})}
+    dirs = {
+        "llama": _write(
+            root / "llama",
+            {
+                "tokenizer_config.json": {
+                    "tokenizer_class": "PreTrainedTokenizerFast",
+                    "bos_token": "<|begin_of_text|>",
+                    "eos_token": "<|eot_id|>",
+                    "clean_up_tokenization_spaces": True,
+                    "model_max_length": 131072,
+                    "chat_template": LLAMA3_TEMPLATE,
+                },
+                "config.json": {
+                    "model_type": "llama",
+                    "vocab_size": llama.get_vocab_size(),
+                    "bos_token_id": bos,
+                    "eos_token_id": eos_ids,
+                },
+                "generation_config.json": {"bos_token_id": bos, "eos_token_id": eos_ids, "do_sample": True},
+            },
+        )
+    }
     llama.save(str(dirs["llama"] / "tokenizer.json"))
 
     qwen = _train(QWEN_SPECIALS, QWEN2_SPLIT, normalizers.NFC())  # Qwen2Tokenizer rebuilds exactly these parts
     qwen.post_processor = processors.ByteLevel(trim_offsets=False)
     im_end, endoftext = qwen.token_to_id("<|im_end|>"), qwen.token_to_id("<|endoftext|>")
-    dirs["qwen"] = _write(root / "qwen", {
-        "tokenizer_config.json": {"tokenizer_class": "Qwen2Tokenizer", "bos_token": None, "eos_token": "<|im_end|>",
-                                  "pad_token": "<|endoftext|>", "unk_token": None, "errors": "replace",
-                                  "split_special_tokens": False, "clean_up_tokenization_spaces": False,
-                                  "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]},
-        "chat_template.jinja": QWEN2_TEMPLATE,
-        "config.json": {"model_type": "qwen2", "vocab_size": qwen.get_vocab_size(), "eos_token_id": endoftext},
-        "generation_config.json": {"eos_token_id": [im_end, endoftext], "pad_token_id": endoftext}})
+    dirs["qwen"] = _write(
+        root / "qwen",
+        {
+            "tokenizer_config.json": {
+                "tokenizer_class": "Qwen2Tokenizer",
+                "bos_token": None,
+                "eos_token": "<|im_end|>",
+                "pad_token": "<|endoftext|>",
+                "unk_token": None,
+                "errors": "replace",
+                "split_special_tokens": False,
+                "clean_up_tokenization_spaces": False,
+                "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+            },
+            "chat_template.jinja": QWEN2_TEMPLATE,
+            "config.json": {"model_type": "qwen2", "vocab_size": qwen.get_vocab_size(), "eos_token_id": endoftext},
+            "generation_config.json": {"eos_token_id": [im_end, endoftext], "pad_token_id": endoftext},
+        },
+    )
     qwen.save(str(dirs["qwen"] / "tokenizer.json"))
 
     # Legacy layout: named template list, special tokens from special_tokens_map.json (a pad token that is not in
     # tokenizer.json yet, which transformers adds), eos only in config.json.
-    dirs["legacy"] = _write(root / "legacy", {
-        "tokenizer_config.json": {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": [
-            {"name": "default", "template": LEGACY_TEMPLATE},
-            {"name": "tool_use", "template": "{{ tools | tojson }}|{{ messages | length }}|{{ pad_token }}"}]},
-        "special_tokens_map.json": {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>",
-                                    "pad_token": {"content": "<|pad|>", "lstrip": False, "normalized": False,
-                                                  "rstrip": False, "single_word": False}},
-        "config.json": {"model_type": "llama", "eos_token_id": eos_ids[0]}})
+    dirs["legacy"] = _write(
+        root / "legacy",
+        {
+            "tokenizer_config.json": {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "chat_template": [
+                    {"name": "default", "template": LEGACY_TEMPLATE},
+                    {"name": "tool_use", "template": "{{ tools | tojson }}|{{ messages | length }}|{{ pad_token }}"},
+                ],
+            },
+            "special_tokens_map.json": {
+                "bos_token": "<|begin_of_text|>",
+                "eos_token": "<|end_of_text|>",
+                "pad_token": {
+                    "content": "<|pad|>",
+                    "lstrip": False,
+                    "normalized": False,
+                    "rstrip": False,
+                    "single_word": False,
+                },
+            },
+            "config.json": {"model_type": "llama", "eos_token_id": eos_ids[0]},
+        },
+    )
     shutil.copy(dirs["llama"] / "tokenizer.json", dirs["legacy"] / "tokenizer.json")
 
     # Bare: tokenizer.json and special tokens only; eos falls back to tokenizer_config.json, no chat template.
-    dirs["bare"] = _write(root / "bare", {"tokenizer_config.json": {"bos_token": "<|begin_of_text|>",
-                                                                    "eos_token": {"content": "<|eot_id|>"}}})
+    dirs["bare"] = _write(
+        root / "bare",
+        {"tokenizer_config.json": {"bos_token": "<|begin_of_text|>", "eos_token": {"content": "<|eot_id|>"}}},
+    )
     shutil.copy(dirs["llama"] / "tokenizer.json", dirs["bare"] / "tokenizer.json")
     return dirs
 
@@ -237,8 +338,11 @@ def ckpts(tmp_path_factory):
 @pytest.fixture(scope="module")
 def pairs(ckpts):
     """name -> (jaxtp tokenizer, transformers tokenizer) for the checkpoints transformers loads."""
-    return {name: (tokenizer(d), transformers.AutoTokenizer.from_pretrained(str(d)))
-            for name, d in ckpts.items() if name != "bare"}
+    return {
+        name: (tokenizer(d), transformers.AutoTokenizer.from_pretrained(str(d)))
+        for name, d in ckpts.items()
+        if name != "bare"
+    }
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen", "legacy"])
@@ -252,8 +356,9 @@ def test_encode_decode_match_transformers(pairs, name):
         assert ours.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True), text
         offset_ids, offsets = ours.encode_with_offsets(text)
         assert offset_ids == hf.encode(text, add_special_tokens=False) and len(offsets) == len(offset_ids), text
-        assert offsets == [tuple(o) for o in hf(text, add_special_tokens=False, return_offsets_mapping=True)
-                           ["offset_mapping"]], text
+        assert offsets == [
+            tuple(o) for o in hf(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        ], text
     every_id = list(range(ours.vocab_size))  # lone byte-level pieces decode to U+FFFD in both
     assert ours.decode(every_id) == hf.decode(every_id)
     assert ours.vocab_size == len(hf)
@@ -309,9 +414,11 @@ def test_named_templates_and_raise_exception(pairs):
 def test_template_inputs_prepared_like_transformers(pairs):
     """None fields dropped, reasoning aliased, kwargs over special tokens, numpy made plain, {% generation %} kept."""
     ours, hf = pairs["qwen"]
-    template = ("{% for m in messages %}{{ m.role }}|{{ m.content is defined }}|{% generation %}"
-                "{{ m.thinking }}|{{ m.reasoning_content }}{% endgeneration %}\n{% endfor %}"
-                "{{ eos_token }}|{{ pad_token }}|{{ n + 1 }}|{{ flag }}")
+    template = (
+        "{% for m in messages %}{{ m.role }}|{{ m.content is defined }}|{% generation %}"
+        "{{ m.thinking }}|{{ m.reasoning_content }}{% endgeneration %}\n{% endfor %}"
+        "{{ eos_token }}|{{ pad_token }}|{{ n + 1 }}|{{ flag }}"
+    )
     messages = [{"role": "user", "content": "q"}, {"role": "assistant", "content": None, "reasoning": "hmm"}]
     kwargs = {"chat_template": template, "eos_token": "<EOS>", "n": np.int64(41), "flag": np.bool_(False)}
     text = ours.apply_chat_template(messages, **kwargs)
@@ -320,11 +427,17 @@ def test_template_inputs_prepared_like_transformers(pairs):
     assert ours.decode(np.array(ours.encode(text))) == text
 
 
-UNSAFE = ["{{ ''.__class__.__mro__ }}", "{{ ''.__class__.__base__.__subclasses__() }}",
-          "{{ cycler.__init__.__globals__ }}", "{{ raise_exception.__globals__.keys() }}",
-          "{{ messages.append({'role': 'evil'}) }}", "{% set d = {} %}{{ d.update(a=1) }}",
-          "{{ messages[0].pop('content') }}", "{% set ns = namespace(_secret=1) %}",
-          "{% set ns = namespace() %}{% set ns.__class__ = 1 %}"]
+UNSAFE = [
+    "{{ ''.__class__.__mro__ }}",
+    "{{ ''.__class__.__base__.__subclasses__() }}",
+    "{{ cycler.__init__.__globals__ }}",
+    "{{ raise_exception.__globals__.keys() }}",
+    "{{ messages.append({'role': 'evil'}) }}",
+    "{% set d = {} %}{{ d.update(a=1) }}",
+    "{{ messages[0].pop('content') }}",
+    "{% set ns = namespace(_secret=1) %}",
+    "{% set ns = namespace() %}{% set ns.__class__ = 1 %}",
+]
 
 
 @pytest.mark.parametrize("template", UNSAFE)

@@ -14,9 +14,17 @@ from jax.sharding import PartitionSpec as P
 
 import jaxtp
 from jaxtp import kv_cache
-from jaxtp.generate import (STACKED_CACHE_AXES, TRACES, _decode_step_jit, _prefill_jit, cache_bytes_per_device,
-                            decode_step_lowered, kv_cache_quality)
+from jaxtp.generation import (
+    STACKED_CACHE_AXES,
+    TRACES,
+    cache_bytes_per_device,
+    decode_step,
+    decode_step_lowered,
+    kv_cache_quality,
+    prefill,
+)
 from jaxtp.layers import attend
+from jaxtp.measure import compile_count
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -56,10 +64,11 @@ def assert_close_greedy(tokens, logits, ref_tokens, ref_logits, tol):
         split = np.flatnonzero(tokens[b] != ref_tokens[b])
         split = split[0] if len(split) else tokens.shape[1] - 1
         assert split >= (tie[0] if len(tie) else tokens.shape[1] - 1), f"row {b}: diverged at {split}, no near-tie"
-        np.testing.assert_allclose(logits[b, :split + 1], ref_logits[b, :split + 1], atol=tol, err_msg=f"row {b}")
+        np.testing.assert_allclose(logits[b, : split + 1], ref_logits[b, : split + 1], atol=tol, err_msg=f"row {b}")
 
 
 # ---------------------------------------------------------------------------- decode attention alone
+
 
 def _random_kv(T=10, K=2, G=2, H=8):
     kq, kk, kv = jax.random.split(jax.random.key(0), 3)
@@ -79,8 +88,9 @@ def test_decode_attention_equals_full_attention_over_the_prefix(slot):
     assert int(n_read) == slot // 3 + 1  # only the blocks up to the current slot
 
     k8, v8 = kv_cache.quantize(k_BTKH), kv_cache.quantize(v_BTKH)
-    want8 = attend(q_B1NH, kv_cache.dequantize(k8), kv_cache.dequantize(v8), (slot - offset_B)[:, None], k_pos_BT,
-                   k_pos_BT >= 0)
+    want8 = attend(
+        q_B1NH, kv_cache.dequantize(k8), kv_cache.dequantize(v8), (slot - offset_B)[:, None], k_pos_BT, k_pos_BT >= 0
+    )
     stacked = lambda e: jax.tree.map(lambda x: jnp.stack([jnp.zeros_like(x), x]), e)  # layer 1 of 2, read in place
     got8, _ = kv_cache.decode_attention(q_B1NH, stacked(k8), stacked(v8), slot, offset_B, lead=(1,), block=3)
     np.testing.assert_allclose(got8, want8, atol=1e-5)
@@ -100,6 +110,7 @@ def test_int8_quantisation_is_symmetric_absmax_per_token_and_head():
 
 
 # ------------------------------------------------------------------------ cost grows with position
+
 
 def test_decode_reads_only_the_blocks_up_to_the_position(models, prompt):
     """kv_block=4 on a 64-slot cache: step at slot t reads t // 4 + 1 blocks per layer, not 16, and gives the
@@ -136,44 +147,81 @@ def whole_cache_ops(hlo: str, T: int) -> set:
     return ops
 
 
-@pytest.mark.parametrize("changes, kv_cache_dtype", [
-    ({}, None), ({}, "int8"), (dict(compute_dtype="bfloat16"), None), (dict(compute_dtype="bfloat16"), "int8"),
-    (dict(scan_layers=True), "int8")], ids=["f32", "f32-int8kv", "bf16", "bf16-int8kv", "scanned-int8kv"])
+@pytest.mark.parametrize(
+    "changes, kv_cache_dtype",
+    [
+        ({}, None),
+        ({}, "int8"),
+        (dict(compute_dtype="bfloat16"), None),
+        (dict(compute_dtype="bfloat16"), "int8"),
+        (dict(scan_layers=True), "int8"),
+    ],
+    ids=["f32", "f32-int8kv", "bf16", "bf16-int8kv", "scanned-int8kv"],
+)
 def test_decode_step_touches_the_whole_cache_only_to_update_it(models, changes, kv_cache_dtype):
     """In the compiled step every array as long as the cache (T=61) is an argument or an in-place slice update:
     the cache is never read, copied or converted whole, so a step costs what its blocks cost. (XLA:CPU widens a
     bf16 array to f32 around any slice of it: bf16 caches and scales are stored as uint16 bits for that.)"""
-    hlo = decode_step_lowered(models("2x4", **changes), B, 61, kv_cache_dtype=kv_cache_dtype,
-                              kv_block=8).compile().as_text()
-    assert whole_cache_ops(hlo, 61) <= {"parameter", "get-tuple-element", "dynamic-update-slice",
-                                        "fusion:dynamic-update-slice"}
+    hlo = (
+        decode_step_lowered(models("2x4", **changes), B, 61, kv_cache_dtype=kv_cache_dtype, kv_block=8)
+        .compile()
+        .as_text()
+    )
+    assert whole_cache_ops(hlo, 61) <= {
+        "parameter",
+        "get-tuple-element",
+        "dynamic-update-slice",
+        "fusion:dynamic-update-slice",
+    }
 
 
 # ------------------------------------------------------------------------------- the int8 cache
 
-@pytest.mark.parametrize("spec, values_spec", [("2x4", P("data", None, "model", None)),
-                                               ("1x8", P(None, None, None, None))])  # 1x8: kv heads replicated
+
+@pytest.mark.parametrize(
+    "spec, values_spec", [("2x4", P("data", None, "model", None)), ("1x8", P(None, None, None, None))]
+)  # 1x8: kv heads replicated
 def test_int8_cache_is_placed_like_the_cache_counted_and_donated(models, prompt, spec, values_spec):
     model = models(spec)
     layout, T = model.layout, S + NEW
     graphdef, state = nnx.split(model)
     rows = lambda x, dtype=np.int32: jax.device_put(np.asarray(x, dtype), layout.sharding(("batch",)))
     tokens = jax.device_put(prompt, layout.sharding(("batch", "seq")))
-    caches, _ = _prefill_jit(graphdef, state, tokens, rows(np.zeros(B)), T, cache_dtype=jnp.dtype(jnp.int8))
+    caches, _ = prefill(graphdef, state, tokens, rows(np.zeros(B)), T, cache_dtype=jnp.dtype(jnp.int8))
     values_sh = jax.sharding.NamedSharding(layout.mesh, values_spec)
     scale_sh = jax.sharding.NamedSharding(layout.mesh, P(*values_spec[:-1]))
     for entry in (e for kv in caches for e in kv):
         assert isinstance(entry, kv_cache.Int8KV)
-        assert entry.q.shape == (B, T, 4, 8) and entry.q.dtype == jnp.int8 and entry.q.sharding.is_equivalent_to(
-            values_sh, 4)
+        assert (
+            entry.q.shape == (B, T, 4, 8)
+            and entry.q.dtype == jnp.int8
+            and entry.q.sharding.is_equivalent_to(values_sh, 4)
+        )
         assert entry.scale.shape == (B, T, 4) and kv_cache.unpack(entry.scale).dtype == jnp.bfloat16
         assert entry.scale.sharding.is_equivalent_to(scale_sh, 3)
-    device0 = sum(s.data.nbytes for x in jax.tree.leaves(caches) for s in x.addressable_shards
-                  if s.device == layout.mesh.devices.flat[0])
+    device0 = sum(
+        s.data.nbytes
+        for x in jax.tree.leaves(caches)
+        for s in x.addressable_shards
+        if s.device == layout.mesh.devices.flat[0]
+    )
     assert device0 == cache_bytes_per_device(model, B, T, "int8")
-    out = _decode_step_jit(graphdef, GREEDY, state, caches, rows(np.zeros(B)), jnp.int32(S), rows(np.zeros(B)),
-                           rows(np.zeros(B), bool), jax.random.key(0), jnp.int32(1), jnp.float32(1), jnp.int32(0),
-                           jnp.float32(1), jnp.asarray([-1], jnp.int32))
+    out = decode_step(
+        graphdef,
+        GREEDY,
+        state,
+        caches,
+        rows(np.zeros(B)),
+        jnp.int32(S),
+        rows(np.zeros(B)),
+        rows(np.zeros(B), bool),
+        jax.random.key(0),
+        jnp.int32(1),
+        jnp.float32(1),
+        jnp.int32(0),
+        jnp.float32(1),
+        jnp.asarray([-1], jnp.int32),
+    )
     assert all(x.is_deleted() for x in jax.tree.leaves(caches)), "the int8 cache was not donated"
     assert out[0][0][0].scale.sharding.is_equivalent_to(scale_sh, 3)
 
@@ -218,9 +266,14 @@ def test_scanned_model_with_int8_cache(int8_runs, models, prompt):
     model = models("2x4", scan_layers=True)
     graphdef, state = nnx.split(model)
     layout = model.layout
-    caches, _ = _prefill_jit(graphdef, state, jax.device_put(prompt, layout.sharding(("batch", "seq"))),
-                             jax.device_put(np.zeros(B, np.int32), layout.sharding(("batch",))), S + NEW,
-                             cache_dtype=jnp.dtype(jnp.int8))
+    caches, _ = prefill(
+        graphdef,
+        state,
+        jax.device_put(prompt, layout.sharding(("batch", "seq"))),
+        jax.device_put(np.zeros(B, np.int32), layout.sharding(("batch",))),
+        S + NEW,
+        cache_dtype=jnp.dtype(jnp.int8),
+    )
     for entry in caches:  # one stacked K and one V: [L, B, T, K, H] values, [L, B, T, K] scales
         assert entry.q.shape == (2, B, S + NEW, 4, 8) and entry.scale.shape == (2, B, S + NEW, 4)
         assert entry.q.sharding.is_equivalent_to(layout.sharding(STACKED_CACHE_AXES), 5)
@@ -240,16 +293,19 @@ def test_int8_cache_compiles_once(models, prompt):
     """Two calls, other prompts of the same padded shape: nothing is traced or compiled again."""
     model = models("1x1")
     jaxtp.generate(model, prompt, NEW, temperature=0, kv_cache_dtype="int8")
-    before, size = dict(TRACES), _decode_step_jit._cache_size()
+    before, size = dict(TRACES), compile_count(decode_step)
     jaxtp.generate(model, prompt[::-1], NEW, temperature=0, kv_cache_dtype="int8")
     jaxtp.generate(model, (prompt + 1) % 256, NEW, temperature=0, kv_cache_dtype="int8", prompt_lengths=LENGTHS)
-    assert dict(TRACES) == before and _decode_step_jit._cache_size() == size
+    assert dict(TRACES) == before and compile_count(decode_step) == size
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(kv_cache_dtype="int4"), "kv_cache_dtype must be None"),
-    (dict(kv_block=0), "kv_block must be an integer >= 1"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(kv_cache_dtype="int4"), "kv_cache_dtype must be None"),
+        (dict(kv_block=0), "kv_block must be an integer >= 1"),
+    ],
+)
 def test_bad_cache_settings_raise(models, prompt, kwargs, match):
     with pytest.raises(ValueError, match=match):
         jaxtp.generate(models("1x1"), prompt, NEW, **kwargs)
@@ -274,7 +330,7 @@ def trained():
     for step in range(TRAIN_STEPS):
         trainer.train_step(jaxtp.data.train_batch(corpus.train, mesh, tc.batch_size, tc.seq_len, tc.seed, step))
     starts = jaxtp.data.eval_starts(len(corpus.heldout), 32, 128, max_batches=1)
-    return trainer.model, np.stack([corpus.heldout[s:s + 128] for s in starts]).astype(np.int32)
+    return trainer.model, np.stack([corpus.heldout[s : s + 128] for s in starts]).astype(np.int32)
 
 
 def test_int8_cache_quality_on_a_trained_model(trained):
@@ -292,6 +348,7 @@ def test_int8_cache_quality_on_a_trained_model(trained):
 
 # ---------------------------------------------------------------------------------------- the CLI
 
+
 def test_generate_cli_takes_kv_cache_dtype(tmp_path, capsys):
     """experiments/generate.py --kv-cache-dtype (conftest puts experiments/ on the path)."""
     import generate as generate_cli
@@ -300,10 +357,28 @@ def test_generate_cli_takes_kv_cache_dtype(tmp_path, capsys):
     make_checkpoint("llama32", tmp_path, with_tokenizer=True)
     kv_bytes = {}
     for dtype in ("auto", "int8"):
-        assert generate_cli.main(["--hf", str(tmp_path), "--mesh", "1x8", "--prompt", "The quick brown fox",
-                                  "--temperature", "0", "--max-new-tokens", "8", "--kv-cache-dtype", dtype]) == 0
-        line = re.search(r"^KV cache: ([\d.,]+) (B|KiB|MiB) per device .*, " + dtype + r"\);", capsys.readouterr().out,
-                         re.M)
+        assert (
+            generate_cli.main(
+                [
+                    "--hf",
+                    str(tmp_path),
+                    "--mesh",
+                    "1x8",
+                    "--prompt",
+                    "The quick brown fox",
+                    "--temperature",
+                    "0",
+                    "--max-new-tokens",
+                    "8",
+                    "--kv-cache-dtype",
+                    dtype,
+                ]
+            )
+            == 0
+        )
+        line = re.search(
+            r"^KV cache: ([\d.,]+) (B|KiB|MiB) per device .*, " + dtype + r"\);", capsys.readouterr().out, re.M
+        )
         assert line, dtype
-        kv_bytes[dtype] = float(line.group(1).replace(",", "")) * {"B": 1, "KiB": 1024, "MiB": 2 ** 20}[line.group(2)]
+        kv_bytes[dtype] = float(line.group(1).replace(",", "")) * {"B": 1, "KiB": 1024, "MiB": 2**20}[line.group(2)]
     assert kv_bytes["int8"] < kv_bytes["auto"] / 2  # int8 + a bf16 scale against f32: (H + 2) / 4H

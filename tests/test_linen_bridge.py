@@ -19,7 +19,8 @@ import pytest
 from flax import linen as nn
 from flax import nnx
 from flax.nnx import bridge
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jaxtp
 from jaxtp.sharding import Layout, module_shardings
@@ -38,8 +39,12 @@ class LinenModel(nn.Module):
     @nn.compact
     def __call__(self, x_BSD, positions_BS):
         h_BSD = bridge.ToLinen(jaxtp.Block, args=(CFG, self.layout), name="block")(x_BSD, positions_BS)
-        logits_BSV = nn.Dense(CFG.vocab_size, use_bias=False, name="head", kernel_init=nn.with_logical_partitioning(
-            nn.initializers.normal(CFG.init_std), ("embed", "vocab")))(h_BSD)
+        logits_BSV = nn.Dense(
+            CFG.vocab_size,
+            use_bias=False,
+            name="head",
+            kernel_init=nn.with_logical_partitioning(nn.initializers.normal(CFG.init_std), ("embed", "vocab")),
+        )(h_BSD)
         return h_BSD, logits_BSV
 
 
@@ -66,9 +71,22 @@ def setup():
     variables = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
     apply_jit = jax.jit(apply)
     h_BSD, logits_BSV = apply_jit(variables, x_BSD, positions_BS)
-    return dict(mesh=mesh, layout=layout, x=x_BSD, pos=positions_BS, model=model, init=init, apply=apply,
-                apply_jit=apply_jit, abstract=abstract, logical_specs=logical_specs, shardings=shardings,
-                variables=variables, h=h_BSD, logits=logits_BSV)
+    return dict(
+        mesh=mesh,
+        layout=layout,
+        x=x_BSD,
+        pos=positions_BS,
+        model=model,
+        init=init,
+        apply=apply,
+        apply_jit=apply_jit,
+        abstract=abstract,
+        logical_specs=logical_specs,
+        shardings=shardings,
+        variables=variables,
+        h=h_BSD,
+        logits=logits_BSV,
+    )
 
 
 def _flat(tree, is_leaf=None):
@@ -171,8 +189,9 @@ def test_outputs_equal_nnx_block_with_copied_params(setup):
     with nnx.use_eager_sharding(False):
         plain = nnx.eval_shape(lambda: jaxtp.Block(CFG, None, nnx.Rngs(0)))
     plain = nnx.merge(nnx.graphdef(plain), jax.tree.map(np.asarray, nnx.state(nnx_block)))
-    np.testing.assert_allclose(np.asarray(plain(np.asarray(x), np.asarray(pos))), np.asarray(h_linen),
-                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(plain(np.asarray(x), np.asarray(pos))), np.asarray(h_linen), rtol=0, atol=1e-6
+    )
 
 
 def test_flax_convention_set_mesh_and_axis_rules(setup):

@@ -3,13 +3,12 @@
 import re
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import MESHES, batch_tokens, loss_and_grads, rel_err
 from flax import nnx
 
 import jaxtp
-from conftest import MESHES, batch_tokens, loss_and_grads, rel_err
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -51,11 +50,16 @@ def test_shard_shapes_1x8(tiny, model_1x8):
     table = {r.path: r for r in jaxtp.param_table(model_1x8).rows}
     D, N, K, H, F, V = tiny.D, tiny.N, tiny.K, tiny.H, tiny.F, tiny.V
     expect = {
-        "embed/table": (V // 8, D), "head/kernel": (D, V // 8),
-        "blocks/0/attn/q/kernel": (D, N // 8, H), "blocks/0/attn/o/kernel": (N // 8, H, D),
-        "blocks/0/attn/k/kernel": (D, K, H), "blocks/0/attn/v/kernel": (D, K, H),
-        "blocks/0/mlp/gate/kernel": (D, F // 8), "blocks/0/mlp/up/kernel": (D, F // 8),
-        "blocks/0/mlp/down/kernel": (F // 8, D), "blocks/0/attn_norm/scale": (D,),
+        "embed/table": (V // 8, D),
+        "head/kernel": (D, V // 8),
+        "blocks/0/attn/q/kernel": (D, N // 8, H),
+        "blocks/0/attn/o/kernel": (N // 8, H, D),
+        "blocks/0/attn/k/kernel": (D, K, H),
+        "blocks/0/attn/v/kernel": (D, K, H),
+        "blocks/0/mlp/gate/kernel": (D, F // 8),
+        "blocks/0/mlp/up/kernel": (D, F // 8),
+        "blocks/0/mlp/down/kernel": (F // 8, D),
+        "blocks/0/attn_norm/scale": (D,),
     }
     for path, local in expect.items():
         assert table[path].local_shape == local, path
@@ -90,10 +94,14 @@ def test_compiled_init_never_builds_a_full_sharded_weight(tiny):
         with nnx.use_eager_sharding(False):
             return nnx.state(jaxtp.Transformer(tiny, layout=layout, rngs=nnx.Rngs(0)))
 
-    text = jax.jit(init, out_shardings=shardings).lower().compile(
-        {"xla_backend_optimization_level": 0}).as_text()
-    full = {"q": f"[{tiny.D},{tiny.N},{tiny.H}]", "gate": f"[{tiny.D},{tiny.F}]", "down": f"[{tiny.F},{tiny.D}]",
-            "embed": f"[{tiny.V},{tiny.D}]", "head": f"[{tiny.D},{tiny.V}]"}
+    text = jax.jit(init, out_shardings=shardings).lower().compile({"xla_backend_optimization_level": 0}).as_text()
+    full = {
+        "q": f"[{tiny.D},{tiny.N},{tiny.H}]",
+        "gate": f"[{tiny.D},{tiny.F}]",
+        "down": f"[{tiny.F},{tiny.D}]",
+        "embed": f"[{tiny.V},{tiny.D}]",
+        "head": f"[{tiny.D},{tiny.V}]",
+    }
     local = f"[{tiny.D},{tiny.F // 4}]"
     assert local in text  # the per-shard shapes are there...
     for name, shape in full.items():

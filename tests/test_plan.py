@@ -1,6 +1,6 @@
 """The planner against the compiler: bytes of real sharded arrays, XLA's memory analysis, HLO collectives.
 
-Each (preset, mesh) is built and its train step compiled ONCE (module-scoped cache); the compiled
+Each (case, mesh) is built and its train step compiled ONCE (module-scoped cache); the compiled
 object gives both the HLO text and the memory analysis, so nothing compiles twice.
 """
 
@@ -8,21 +8,39 @@ import os
 import re
 
 import pytest
+from conftest import batch_tokens
 
 import jaxtp
+from jaxtp.generation import cache_bytes_per_device
+from jaxtp.hardware import get_hardware
 from jaxtp.measure import bytes_per_device, memory_per_device
-from jaxtp.plan import get_hardware
 from jaxtp.train import TrainConfig, Trainer, train_flops_per_step
-from conftest import batch_tokens
 
 pytestmark = pytest.mark.timeout(300)
 
-B, S = 8, 16  # global batch and sequence length of every compiled check
+B, S = 8, 16  # global batch and sequence length of every compiled check (blockwise: S_BLOCKWISE)
+# Blockwise attention over several blocks: 128 positions in blocks of 16 (8 x 8 block pairs, 36 live).
+S_BLOCKWISE = 128
+BLOCKWISE = {"attention": "blockwise", "attention_block": 16, "max_seq_len": S_BLOCKWISE}
+SETUPS = {"tiny": ("tiny", {}, S), "small": ("small", {}, S), "tiny-blockwise": ("tiny", BLOCKWISE, S_BLOCKWISE)}
 # Each case costs one sharded init and one train-step compile (~5-10 s on 2 cores). tiny covers the four
 # mesh shapes plus 1x8 (4 kv heads replicated over 8 ranks); small (4 layers, N = K) runs on 2x4 by
-# default, on all four meshes with JAXTP_FULL_PLAN_TESTS=1 (all pass; numbers in experiments/plans.md).
-SMALL_MESHES = ("1x1", "2x4", "4x2", "8x1") if os.environ.get("JAXTP_FULL_PLAN_TESTS") else ("2x4",)
-CASES = [("tiny", m) for m in ("1x1", "2x4", "4x2", "8x1", "1x8")] + [("small", m) for m in SMALL_MESHES]
+# default, on all four meshes with JAXTP_FULL_PLAN_TESTS=1 (all pass; numbers in experiments/plans.md);
+# tiny-blockwise on 1x1, 2x4 and 1x8 (all five meshes with JAXTP_FULL_PLAN_TESTS=1).
+FULL = bool(os.environ.get("JAXTP_FULL_PLAN_TESTS"))
+SMALL_MESHES = ("1x1", "2x4", "4x2", "8x1") if FULL else ("2x4",)
+BLOCKWISE_MESHES = ("1x1", "2x4", "4x2", "8x1", "1x8") if FULL else ("1x1", "2x4", "1x8")
+CASES = (
+    [("tiny", m) for m in ("1x1", "2x4", "4x2", "8x1", "1x8")]
+    + [("small", m) for m in SMALL_MESHES]
+    + [("tiny-blockwise", m) for m in BLOCKWISE_MESHES]
+)
+
+
+def setup(name):
+    """(config, sequence length) of a named case."""
+    preset, changes, seq_len = SETUPS[name]
+    return jaxtp.ModelConfig.preset(preset, **changes), seq_len
 
 
 def parse_collectives(text: str, mesh) -> jaxtp.Collectives:
@@ -39,60 +57,65 @@ def parse_collectives(text: str, mesh) -> jaxtp.Collectives:
 def measured():
     cache = {}
 
-    def get(preset, spec):
-        if (preset, spec) not in cache:
-            cfg = jaxtp.ModelConfig.preset(preset)
+    def get(name, spec):
+        if (name, spec) not in cache:
+            cfg, seq_len = setup(name)
             mesh = jaxtp.make_mesh(spec)
-            trainer = Trainer.create(jaxtp.Transformer.create(cfg, mesh), TrainConfig(batch_size=B, seq_len=S))
-            tokens = batch_tokens(mesh, batch=B, seq=S + 1)
+            trainer = Trainer.create(jaxtp.Transformer.create(cfg, mesh), TrainConfig(batch_size=B, seq_len=seq_len))
+            tokens = batch_tokens(mesh, batch=B, seq=seq_len + 1)
             # LLVM -O0 only changes the machine code: XLA's HLO passes (partitioner, all-reduce combiner,
             # scheduler) and buffer assignment run first and give the same HLO and memory analysis as the
             # default compile (checked on tiny 2x4, tiny 1x8 and small 4x2; experiments/plan_table.py --check
             # compares with default compiles), about a third faster on 2 cores.
             compiled = trainer.step_fn.lower(trainer.params, trainer.opt_state, tokens).compile(
-                {"xla_backend_optimization_level": 0})
+                {"xla_backend_optimization_level": 0}
+            )
             # What XLA holds per device while the step runs: its arguments (params, optimizer state,
             # tokens), its outputs minus those aliased onto donated arguments (the new params and
             # optimizer state reuse the old buffers), and the temporary heap (gradients, activations...).
             m = memory_per_device(compiled)
-            cache[preset, spec] = {
-                "params": bytes_per_device(trainer.params), "optimizer": bytes_per_device(trainer.opt_state),
-                "total": m["total"], "temp": m["temp"],
+            cache[name, spec] = {
+                "params": bytes_per_device(trainer.params),
+                "optimizer": bytes_per_device(trainer.opt_state),
+                "total": m["total"],
+                "temp": m["temp"],
                 "collectives": parse_collectives(compiled.as_text(), mesh).summary(),
             }
-        return cache[preset, spec]
+        return cache[name, spec]
 
     return get
 
 
-def predicted(preset, spec):
-    return jaxtp.plan(jaxtp.ModelConfig.preset(preset), spec, batch_size=B, seq_len=S, hardware="cpu")
+def predicted(name, spec):
+    cfg, seq_len = setup(name)
+    return jaxtp.plan(cfg, spec, batch_size=B, seq_len=seq_len, hardware="cpu")
 
 
-@pytest.mark.parametrize("preset,spec", CASES)
-def test_param_and_optimizer_bytes_exact(measured, preset, spec):
-    got, plan = measured(preset, spec), predicted(preset, spec)
+@pytest.mark.parametrize("name,spec", CASES)
+def test_param_and_optimizer_bytes_exact(measured, name, spec):
+    got, plan = measured(name, spec), predicted(name, spec)
     assert plan.memory["params"] == got["params"]
     assert plan.memory["optimizer"] == got["optimizer"]
 
 
-@pytest.mark.parametrize("preset,spec", CASES)
-def test_total_memory_within_15_percent(measured, preset, spec):
-    got, plan = measured(preset, spec), predicted(preset, spec)
+@pytest.mark.parametrize("name,spec", CASES)
+def test_total_memory_within_15_percent(measured, name, spec):
+    got, plan = measured(name, spec), predicted(name, spec)
     err = plan.memory["total"] / got["total"] - 1
-    assert abs(err) < 0.15, (preset, spec, plan.memory, got["total"], got["temp"])
+    assert abs(err) < 0.15, (name, spec, plan.memory, got["total"], got["temp"])
 
 
-@pytest.mark.parametrize("preset,spec", CASES)
-def test_collectives_match_hlo(measured, preset, spec):
+@pytest.mark.parametrize("name,spec", CASES)
+def test_collectives_match_hlo(measured, name, spec):
     """Counts equal the HLO's per kind and mesh axis; bytes within 5% (they agree exactly here)."""
-    got, plan = measured(preset, spec)["collectives"], predicted(preset, spec).collectives["per_step"]
+    got, plan = measured(name, spec)["collectives"], predicted(name, spec).collectives["per_step"]
     assert {k: v["count"] for k, v in plan.items()} == {k: v["count"] for k, v in got.items()}
     for key, v in plan.items():
         assert abs(v["bytes"] / got[key]["bytes"] - 1) < 0.05, (key, v, got[key])
 
 
 # ------------------------------------------------------------------------------- analytic (no compile)
+
 
 def test_plans_meshes_larger_than_the_machine():
     p = jaxtp.plan("7b", "16x8", batch_size=16, seq_len=2048, hardware="h100")
@@ -106,7 +129,7 @@ def test_plans_meshes_larger_than_the_machine():
     assert 0 < d["mfu"] < 1 and d["comm_bound_ratio"] > 0
     assert d["collectives"]["by_axis"]["data"]["link"] == "dcn"  # 16 nodes of 8 GPUs
     assert d["collectives"]["by_axis"]["model"]["link"] == "intra"  # the model axis stays in NVLink
-    assert "memory per device" in jaxtp.plan.format_plan(p)
+    assert "memory per device" in jaxtp.planner.format_plan(p)
 
 
 def test_mesh_object_and_spec_string_agree(tiny):
@@ -171,6 +194,39 @@ def test_decode_kv_cache(tiny):
     assert p.memory["kv_cache"] == 2 * tiny.L * (8 // 2) * 64 * K_l * tiny.H * 4
     assert p.memory["grads"] == 0 and p.memory["optimizer"] == 0
     assert "mbu" in p.time
+    # int8: one byte per element plus a bf16 scale per (token, kv head); less HBM to read per step.
+    q = jaxtp.plan(tiny, "2x4", batch_size=8, seq_len=64, decode=True, hardware="h100", kv_cache_dtype="int8")
+    assert q.memory["kv_cache"] == 2 * tiny.L * (8 // 2) * 64 * K_l * (tiny.H * 1 + 2)
+    assert q.setting["kv_cache_dtype"] == "int8" and q.time["memory_s"] < p.time["memory_s"]
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        jaxtp.plan(tiny, "2x4", batch_size=8, seq_len=64, decode=True, kv_cache_dtype="int4")
+
+
+@pytest.mark.parametrize("spec", ["2x4", "1x8"])
+def test_decode_kv_cache_is_what_generate_allocates(tiny, spec):
+    """Per device, as jaxtp.generate places the caches (kv heads split, or replicated on 1x8; batch over data)."""
+    model = jaxtp.Transformer.create(tiny, jaxtp.make_mesh(spec))
+    for dtype in (None, "bf16", "int8"):
+        p = jaxtp.plan(tiny, spec, batch_size=8, seq_len=64, decode=True, kv_cache_dtype=dtype)
+        assert p.memory["kv_cache"] == cache_bytes_per_device(model, 8, 64, dtype), dtype
+
+
+def test_attention_implementation_is_planned(tiny):
+    """auto resolves as jaxtp.attention does on the planned hardware; blockwise keeps nothing S x S, so its
+    activations grow linearly with S where xla's grow with S^2."""
+    plan = lambda cfg, S, hw="cpu": jaxtp.plan(cfg, "2x4", batch_size=8, seq_len=S, hardware=hw)
+    long = tiny.replace(max_seq_len=4096)
+    assert plan(tiny, S).setting["attention"] == "xla"
+    assert plan(long, 1024).setting["attention"] == "blockwise"  # S x T >= 256^2 without cuDNN
+    assert plan(long.replace(compute_dtype="bfloat16"), 1024, "h100").setting["attention"] == "cudnn"
+    assert plan(long, 1024, "h100").setting["attention"] == "blockwise"  # cuDNN runs half precision only
+    cudnn_on_tpu = plan(long.replace(attention="cudnn", compute_dtype="bfloat16"), 1024, "tpu-v5p")
+    assert cudnn_on_tpu.setting["attention"] == "blockwise" and any("cudnn" in w for w in cudnn_on_tpu.warnings)
+    blockwise, xla = long.replace(attention="blockwise"), long.replace(attention="xla")
+    act = lambda cfg, S: plan(cfg, S).memory["activations"]
+    assert act(blockwise, 2048) == 2 * act(blockwise, 1024)
+    assert act(xla, 2048) > 3 * act(xla, 1024) and act(xla, 2048) > 10 * act(blockwise, 2048)
+    assert plan(blockwise, 1024).flops["hardware"] < plan(xla, 1024).flops["hardware"]  # dead blocks skipped
 
 
 def test_hardware_presets_cite_sources():

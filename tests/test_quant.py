@@ -6,12 +6,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import batch_tokens, loss_and_grads, rel_err
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import jaxtp
 from jaxtp import quant
-from conftest import batch_tokens, loss_and_grads, rel_err
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -59,8 +59,10 @@ def tokens24(mesh24):
 
 @pytest.fixture(scope="module")
 def logits24(model24, casts24, tokens24):
-    return {"f32": np.asarray(forward(model24, tokens24)),
-            **{p: np.asarray(forward(m, tokens24)) for p, m in casts24.items()}}
+    return {
+        "f32": np.asarray(forward(model24, tokens24)),
+        **{p: np.asarray(forward(m, tokens24)) for p, m in casts24.items()},
+    }
 
 
 # --------------------------------------------------------------------------------------------- API
@@ -75,7 +77,7 @@ def test_invalid_precision_raises(model24):
 def test_input_model_untouched(model24, casts24):
     q = model24.blocks[0].attn.q
     assert isinstance(q.kernel, nnx.Param) and q.kernel[...].dtype == jnp.float32
-    assert q.quant_mode is None and not hasattr(q, "scale")
+    assert q.quant_mode is None and q.scale is None
     assert model24.cfg.param_dtype == "float32"
     assert quant.precision_of(model24) == "f32"
     assert {p: quant.precision_of(m) for p, m in casts24.items()} == {"bf16": "bf16", "int8": "int8", "w8a8": "w8a8"}
@@ -152,7 +154,8 @@ def test_bytes_per_device_small(mesh24):
         per_device[precision] = jaxtp.param_table(m).bytes_per_device
         whole[precision] = sum(v[...].nbytes for v in flat(m).values())
         assert per_device[precision] == sum(
-            s.data.nbytes for v in flat(m).values() for s in v[...].addressable_shards if s.device == jax.devices()[0])
+            s.data.nbytes for v in flat(m).values() for s in v[...].addressable_shards if s.device == jax.devices()[0]
+        )
     assert per_device["bf16"] <= 0.51 * per_device["f32"]
     assert whole["bf16"] <= 0.51 * whole["f32"]
     assert whole["int8"] <= 0.26 * whole["f32"], whole
@@ -266,7 +269,7 @@ def test_int8_forward_no_all_gather_and_s8_in_hlo(int8_per_layer):
 
 
 def test_warns_once_when_training_bf16_params(model24, casts24):
-    quant._WARNED.clear()
+    quant.WARNED.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert quant.warn_if_low_precision_training(model24) is None

@@ -1,8 +1,6 @@
 """The rules table: resolution, validation messages, kv replication, vocab padding."""
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
@@ -46,7 +44,9 @@ def test_indivisible_heads_message_names_everything(tiny):
 
 
 def test_indivisible_d_ff(tiny):
-    with pytest.raises(ValueError, match=r"d_ff=100 \(logical axis 'mlp'\) is not divisible by mesh axis 'model' of size 8"):
+    with pytest.raises(
+        ValueError, match=r"d_ff=100 \(logical axis 'mlp'\) is not divisible by mesh axis 'model' of size 8"
+    ):
         resolve_rules(tiny.replace(d_ff=100), jaxtp.make_mesh("1x8"))
 
 

@@ -7,14 +7,14 @@ import re
 import jax
 import numpy as np
 import pytest
+from conftest import batch_tokens, rel_err
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import jaxtp
 from jaxtp import checkpoint, train
-from jaxtp.generate import STACKED_CACHE_AXES, _prefill_jit, cache_bytes_per_device
+from jaxtp.generation import STACKED_CACHE_AXES, cache_bytes_per_device, prefill
 from jaxtp.hlo import loop_bodies, parse_collectives
-from conftest import batch_tokens, rel_err
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -42,7 +42,7 @@ def as_stacked(flat_unrolled: dict, L: int) -> dict:
     """An unrolled model's {path: array} in a scanned model's layout: blocks/i/x -> row i of blocks/x."""
     out = {k: v for k, v in flat_unrolled.items() if not k.startswith("blocks/")}
     for k in (k for k in flat_unrolled if k.startswith("blocks/0/")):
-        rest = k[len("blocks/0/"):]
+        rest = k[len("blocks/0/") :]
         out["blocks/" + rest] = np.stack([flat_unrolled[f"blocks/{i}/{rest}"] for i in range(L)])
     return out
 
@@ -99,11 +99,14 @@ def copied24(tiny, unrolled24, scanned):
 @pytest.fixture(scope="module")
 def grads(mesh24, unrolled24, copied24):
     tokens = batch_tokens(mesh24)
-    return {"unrolled": compiled_loss_and_grads(unrolled24, tokens),
-            "scanned": compiled_loss_and_grads(copied24, tokens)}
+    return {
+        "unrolled": compiled_loss_and_grads(unrolled24, tokens),
+        "scanned": compiled_loss_and_grads(copied24, tokens),
+    }
 
 
 # ------------------------------------------------------------------------------------------- numbers
+
 
 def test_config_validates_remat(tiny):
     with pytest.raises(ValueError, match=r"remat must be one of none, full, dots; got 'some'"):
@@ -124,8 +127,10 @@ def test_scanned_equals_unrolled_with_the_same_params(tiny, grads):
 
 def test_scanned_init_and_numbers_are_mesh_invariant(scanned):
     """Same seed, same parameters bit for bit on 1x1, 2x4 and 1x8; loss and gradients agree to 1e-5."""
-    runs = {spec: compiled_loss_and_grads(scanned(spec), batch_tokens(jaxtp.make_mesh(spec)))
-            for spec in ("1x1", "2x4", "1x8")}
+    runs = {
+        spec: compiled_loss_and_grads(scanned(spec), batch_tokens(jaxtp.make_mesh(spec)))
+        for spec in ("1x1", "2x4", "1x8")
+    }
     ref = flat(nnx.state(scanned("1x1")))
     loss_1, grads_1, _ = runs["1x1"]
     for spec in ("2x4", "1x8"):
@@ -156,6 +161,7 @@ def test_stacked_params_shard_like_the_unrolled_ones(tiny, unrolled24, copied24)
 
 # --------------------------------------------------------------------------------------- compiled HLO
 
+
 def test_loop_body_holds_the_per_layer_collectives(scan_cfg, mesh24, copied24):
     """The scanned forward is one while loop whose body (in the HLO once, run L times) has exactly the
     layer's 2 model-axis all-reduces; the train step's backward loop has 2 more."""
@@ -165,7 +171,8 @@ def test_loop_body_holds_the_per_layer_collectives(scan_cfg, mesh24, copied24):
     bodies = loop_bodies(text)
     assert len(bodies) == 1
     assert parse_collectives(bodies[0], mesh24).summary() == {
-        "all-reduce@model": {"count": 2, "bytes": 2 * (8 // 2) * 16 * scan_cfg.d_model * 4}}  # [B/2, S, D] f32
+        "all-reduce@model": {"count": 2, "bytes": 2 * (8 // 2) * 16 * scan_cfg.d_model * 4}
+    }  # [B/2, S, D] f32
 
 
 def test_train_step_loops_forward_and_backward(mesh24, grads):
@@ -200,18 +207,21 @@ def test_remat_same_numbers_and_recomputes(tiny, mesh24, unrolled24, copied24, g
 
 # ---------------------------------------------------------------------------- what walks the blocks
 
+
 def test_cached_greedy_equals_unrolled(unrolled24, copied24):
     prompt = np.random.default_rng(1).integers(0, 256, size=(4, 5), dtype=np.int32)
-    want, want_logits = jaxtp.generate(unrolled24, prompt, 6, temperature=0, prompt_lengths=[5, 3, 4, 1],
-                                       return_logits=True)
-    got, got_logits = jaxtp.generate(copied24, prompt, 6, temperature=0, prompt_lengths=[5, 3, 4, 1],
-                                     return_logits=True)
+    want, want_logits = jaxtp.generate(
+        unrolled24, prompt, 6, temperature=0, prompt_lengths=[5, 3, 4, 1], return_logits=True
+    )
+    got, got_logits = jaxtp.generate(
+        copied24, prompt, 6, temperature=0, prompt_lengths=[5, 3, 4, 1], return_logits=True
+    )
     np.testing.assert_array_equal(got, want)
     assert rel_err(got_logits, want_logits) < 1e-5
     layout = copied24.layout
     tokens = jax.device_put(prompt, layout.sharding(("batch", "seq")))
     offsets = jax.device_put(np.zeros((4,), np.int32), layout.sharding(("batch",)))
-    caches, _ = _prefill_jit(*nnx.split(copied24), tokens, offsets, 11)
+    caches, _ = prefill(*nnx.split(copied24), tokens, offsets, 11)
     for c in caches:  # one stacked K and one V, "layers" whole, batch over data, kv heads over model
         assert c.shape == (2, 4, 11, 4, 8)
         assert c.sharding.is_equivalent_to(layout.sharding(STACKED_CACHE_AXES), 5)
@@ -256,6 +266,6 @@ def test_plan_is_the_same_for_scanned_and_unrolled(tiny, scan_cfg):
 def test_weight_decay_skips_stacked_norm_scales(copied24):
     """[L, D] norm scales are L vectors: no weight decay, as for the unrolled model's [D] scales."""
     params = nnx.state(copied24, nnx.Param)
-    decays = {"/".join(map(str, k)): train._decays(v) for k, v in nnx.to_flat_state(params)}
+    decays = {"/".join(map(str, k)): train.decays(v) for k, v in nnx.to_flat_state(params)}
     assert not decays["blocks/attn_norm/scale"] and not decays["blocks/mlp_norm/scale"]
     assert decays["blocks/attn/q/kernel"] and decays["head/kernel"] and not decays["final_norm/scale"]

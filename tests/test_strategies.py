@@ -15,23 +15,30 @@ import math
 import jax
 import numpy as np
 import pytest
+from conftest import rel_err
 from flax import nnx
 
 import jaxtp
-from jaxtp.measure import bytes_per_device
 from jaxtp import data
 from jaxtp.loss import cross_entropy
+from jaxtp.measure import bytes_per_device
 from jaxtp.sharding import FSDP, MEGATRON, RULE_PRESETS, resolve_rules, spec_for
 from jaxtp.train import TrainConfig, Trainer, compile_train_step
-from conftest import rel_err
 
 pytestmark = pytest.mark.timeout(300)
 
 B, S = 8, 16
 PRESETS = ("megatron", "megatron-sp", "fsdp", "fsdp-sp")
 PURE_FSDP = "data=1,fsdp=8,model=1"
-INVARIANCE = [("fsdp", "2x2x2"), ("fsdp", "1x2x4"), ("fsdp", "2x1x4"), ("fsdp", PURE_FSDP),
-              ("megatron-sp", "2x4"), ("megatron-sp", "1x2x4"), ("fsdp-sp", "2x2x2")]
+INVARIANCE = [
+    ("fsdp", "2x2x2"),
+    ("fsdp", "1x2x4"),
+    ("fsdp", "2x1x4"),
+    ("fsdp", PURE_FSDP),
+    ("megatron-sp", "2x4"),
+    ("megatron-sp", "1x2x4"),
+    ("fsdp-sp", "2x2x2"),
+]
 # Cases whose parameters come from their own sharded init (and must be bit-identical to 1x1's). The
 # others place the 1x1 parameters instead: their weight layouts are ones checked here or in
 # tests/test_model.py (sequence parallelism moves activations only; fsdp=1 resolves to megatron).
@@ -85,8 +92,11 @@ def cases(tiny):
             else:  # the reference parameters, placed for this preset and mesh (saves a sharded init)
                 model = placed(get("megatron", "1x1")["model"], mesh, preset)
             measured = (preset, spec) in INVARIANCE or spec == "1x1"
-            cache[preset, spec] = {"mesh": mesh, "model": model,
-                                   "numbers": numbers(model, tokens_for(mesh)) if measured else None}
+            cache[preset, spec] = {
+                "mesh": mesh,
+                "model": model,
+                "numbers": numbers(model, tokens_for(mesh)) if measured else None,
+            }
         return cache[preset, spec]
 
     return get
@@ -118,8 +128,13 @@ def trained(tiny, cases, corpus):
             tr.step_fn = compiled  # run exactly the executable whose HLO is inspected
             losses = [float(tr.train_step(b)["loss"]) for b in batches]
             one = compile_train_step(tiny.replace(n_layers=1), model.layout, tc, data.batch_sharding(mesh))
-            cache[preset] = {"trainer": tr, "losses": losses, "mesh": mesh,
-                             "hlo2": compiled.as_text(), "hlo1": one.as_text()}
+            cache[preset] = {
+                "trainer": tr,
+                "losses": losses,
+                "mesh": mesh,
+                "hlo2": compiled.as_text(),
+                "hlo1": one.as_text(),
+            }
         return cache[preset]
 
     return get
@@ -131,11 +146,21 @@ def summary(text, mesh) -> jaxtp.Collectives:
 
 # ------------------------------------------------------------------------------------------ the tables
 
+
 def test_presets_resolve_on_2x2x2(tiny):
     mesh = jaxtp.make_mesh("2x2x2")
     got = {name: resolve_rules(tiny, mesh, name) for name in PRESETS}
-    tp = {"vocab": "model", "heads": "model", "kv_heads": "model", "mlp": "model", "head_dim": None, "seq": None,
-          "act_embed": None, "batch": ("data", "fsdp"), "layers": None}
+    tp = {
+        "vocab": "model",
+        "heads": "model",
+        "kv_heads": "model",
+        "mlp": "model",
+        "head_dim": None,
+        "seq": None,
+        "act_embed": None,
+        "batch": ("data", "fsdp"),
+        "layers": None,
+    }
     assert got["megatron"] == {**tp, "act_seq": None, "embed": None}
     assert got["megatron-sp"] == {**tp, "act_seq": "model", "embed": None}
     assert got["fsdp"] == {**tp, "act_seq": None, "embed": "fsdp"}
@@ -161,6 +186,7 @@ def test_user_table_and_layout_table(tiny):
 
 # --------------------------------------------------------------------------------------- invariance
 
+
 @pytest.mark.parametrize("preset,spec", INVARIANCE)
 def test_mesh_invariance(cases, reference, preset, spec):
     got = cases(preset, spec)["numbers"]
@@ -183,6 +209,7 @@ def test_fsdp_shards_every_weight(tiny, cases):
 
 # ------------------------------------------------------------------------------------------- memory
 
+
 def test_fsdp2_halves_param_and_optimizer_bytes(tiny, cases):
     """1x2x4 (fsdp=2) against 1x1x4 (the same model axis, no fsdp), both under the fsdp preset."""
     got = {}
@@ -190,7 +217,11 @@ def test_fsdp2_halves_param_and_optimizer_bytes(tiny, cases):
         model = cases("fsdp", spec)["model"]
         tr = Trainer.create(model, TrainConfig(batch_size=B, seq_len=S))
         counters = sum(x.nbytes for x in jax.tree.leaves(tr.opt_state) if x.ndim == 0)  # step counts
-        got[spec] = (bytes_per_device(tr.params), bytes_per_device(tr.opt_state) - counters, bytes_per_device(tr.opt_state))
+        got[spec] = (
+            bytes_per_device(tr.params),
+            bytes_per_device(tr.opt_state) - counters,
+            bytes_per_device(tr.opt_state),
+        )
         plan = jaxtp.plan(tiny, spec, batch_size=B, seq_len=S, rules="fsdp", hardware="cpu")
         assert plan.memory["params"] == got[spec][0] and plan.memory["optimizer"] == got[spec][2]
     (p2, m2, _), (p1, m1, _) = got["1x2x4"], got["1x1x4"]
@@ -198,6 +229,7 @@ def test_fsdp2_halves_param_and_optimizer_bytes(tiny, cases):
 
 
 # ------------------------------------------------------------------------------- collectives vs plan
+
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_per_layer_collectives_match_hlo_and_plan(tiny, trained, preset):
@@ -227,6 +259,7 @@ def test_planner_forms_reduce_scatter_where_the_backend_does(tiny):
 
 
 # --------------------------------------------------------------------------------------------- training
+
 
 def test_training_with_each_preset_gives_one_loss_curve(trained):
     """3 AdamW steps on one batch, 2x2x2: every preset trains (the first step's learning rate is 0, the
@@ -258,6 +291,7 @@ def test_generation_under_fsdp_sp(trained):
 
 # ------------------------------------------------------------------------------------------- errors
 
+
 def test_fsdp_axis_must_divide_d_model(tiny):
     cfg = tiny.replace(d_model=36, n_heads=4, n_kv_heads=4)
     with pytest.raises(ValueError) as e:
@@ -270,8 +304,11 @@ def test_fsdp_axis_must_divide_d_model(tiny):
 
 def test_heads_message_suggests_three_axis_meshes(tiny):
     cfg = tiny.replace(n_heads=6, n_kv_heads=6, d_model=48)
-    with pytest.raises(ValueError, match=r"n_heads=6 .*'model' of size 4.*meshes that work with 8 devices: "
-                                         r"4x2x1, 2x2x2"):
+    with pytest.raises(
+        ValueError,
+        match=r"n_heads=6 .*'model' of size 4.*meshes that work with 8 devices: "
+        r"4x2x1, 2x2x2",
+    ):
         resolve_rules(cfg, jaxtp.make_mesh("1x2x4"), "fsdp")
 
 

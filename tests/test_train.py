@@ -9,6 +9,7 @@ from flax import nnx
 
 import jaxtp
 from jaxtp import data, train
+from jaxtp.measure import compile_count
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -22,7 +23,9 @@ def corpus():
 
 def curve(cfg, spec, corpus):
     mesh = jaxtp.make_mesh(spec)
-    tr = train.Trainer.create(jaxtp.Transformer.create(cfg, mesh), train.TrainConfig(steps=STEPS, batch_size=B, seq_len=S))
+    tr = train.Trainer.create(
+        jaxtp.Transformer.create(cfg, mesh), train.TrainConfig(steps=STEPS, batch_size=B, seq_len=S)
+    )
     losses = [float(tr.train_step(data.train_batch(corpus.train, mesh, B, S, 0, i))["loss"]) for i in range(STEPS)]
     return tr, losses
 
@@ -48,7 +51,7 @@ def test_same_loss_curve_on_8x1(tiny, corpus, reference):
 
 def test_train_step_compiles_once(on_2x4):
     tr, _ = on_2x4
-    assert tr.step_fn._cache_size() == 1
+    assert compile_count(tr.step_fn) == 1
     assert tr.step == STEPS
 
 
@@ -82,7 +85,7 @@ def test_synthetic_corpus_reaches_its_entropy_floor(tiny, corpus):
     # Evaluating again (as a run does every N steps) reuses the compiled program: no recompile.
     fn = train.eval_loss_fn(nnx.split(tr.model)[0])
     assert train.evaluate(tr.model, data.eval_batches(corpus.heldout, mesh, 16, 32, max_batches=2))["loss"] > 0
-    assert fn._cache_size() == 1
+    assert compile_count(fn) == 1
     assert math.isclose(ev["bits_per_byte"], ev["loss"] / math.log(2))
     assert math.isclose(ev["perplexity"], math.exp(ev["loss"]))
 

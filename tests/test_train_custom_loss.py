@@ -8,11 +8,13 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import jaxtp
 from jaxtp import train
 from jaxtp.loss import cross_entropy
+from jaxtp.measure import compile_count
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -29,8 +31,12 @@ class Classifier(nnx.Module):
     def __init__(self, layout, rngs):
         self.embed = jaxtp.Embed(CFG, CFG.vocab_size, layout, rngs=rngs)
         self.block = jaxtp.Block(CFG, layout, rngs=rngs)
-        self.head = nnx.Linear(CFG.d_model, CLASSES, rngs=rngs,
-                               kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("embed", "vocab")))
+        self.head = nnx.Linear(
+            CFG.d_model,
+            CLASSES,
+            rngs=rngs,
+            kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("embed", "vocab")),
+        )
 
     def __call__(self, tokens_BS):
         positions_BS = jnp.broadcast_to(jnp.arange(tokens_BS.shape[1], dtype=jnp.int32), tokens_BS.shape)
@@ -94,7 +100,7 @@ def test_scalar_loss_fn_on_an_unsharded_model(reference):
     tr, losses, metrics, _ = run(None, loss_only)
     np.testing.assert_allclose(losses, reference[1], rtol=1e-5, atol=1e-5)
     assert set(metrics[0]) == {"loss", "grad_norm"}
-    assert tr.step_fn._cache_size() == 1
+    assert compile_count(tr.step_fn) == 1
 
 
 def test_aux_metrics_are_returned(on_2x4):
@@ -116,7 +122,7 @@ def test_adam_moments_sharded_like_params(on_2x4):
 
 def test_step_compiles_once(on_2x4):
     tr = on_2x4[0]
-    assert tr.step == STEPS and tr.step_fn._cache_size() == 1
+    assert tr.step == STEPS and compile_count(tr.step_fn) == 1
 
 
 def test_old_param_buffers_are_donated(on_2x4):
@@ -128,13 +134,20 @@ def test_old_param_buffers_are_donated(on_2x4):
 def test_same_losses_as_plain_nnx_optimizer(on_2x4):
     """nnx.Optimizer + nnx.jit with optax.adamw configured as TrainConfig does it: the same warmup+cosine
     schedule (train.schedule: warmup from lr 0, so step 1 moves nothing), global-norm clipping first (it
-    clips here: asserted), weight decay on matrices only (ndim >= 2: train._decays). Leaving out the mask
+    clips here: asserted), weight decay on matrices only (ndim >= 2: train.decays). Leaving out the mask
     or the clipping changes these losses by 2e-3 and 1e-2, far above the tolerance."""
     mesh = jaxtp.make_mesh("2x4")
     model = build(mesh)
-    tx = optax.chain(optax.clip_by_global_norm(TC.clip_norm),
-                     optax.adamw(train.schedule(TC), b1=TC.b1, b2=TC.b2, weight_decay=TC.weight_decay,
-                                 mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p)))
+    tx = optax.chain(
+        optax.clip_by_global_norm(TC.clip_norm),
+        optax.adamw(
+            train.schedule(TC),
+            b1=TC.b1,
+            b2=TC.b2,
+            weight_decay=TC.weight_decay,
+            mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p),
+        ),
+    )
     opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
 
     @nnx.jit

@@ -63,8 +63,11 @@ def test_both_paths_give_identical_values_and_placements(both_paths):
     assert a.keys() == b.keys()
     for path in a:
         np.testing.assert_array_equal(np.asarray(a[path]), np.asarray(b[path]), err_msg=path)
-        assert a[path].sharding.is_equivalent_to(b[path].sharding, a[path].ndim), (path, a[path].sharding,
-                                                                                    b[path].sharding)
+        assert a[path].sharding.is_equivalent_to(b[path].sharding, a[path].ndim), (
+            path,
+            a[path].sharding,
+            b[path].sharding,
+        )
     q = a["blocks/0/attn/q/kernel"]
     assert q.sharding.spec == P(None, "model", None) and q.sharding.shard_shape(q.shape)[1] == 8 // int(spec[-1])
     k = a["blocks/0/attn/k/kernel"]  # 4 kv heads: split on 2x4, replicated on 1x8 (checked against the config)
@@ -90,8 +93,10 @@ def test_each_block_costs_megatrons_collectives():
         model = jaxtp.create(lambda rngs: Classifier(rngs, n_blocks), mesh)
         fwd = jaxtp.collectives(lambda m, t: m(t), model, tokens).summary()
         grad = jaxtp.collectives(lambda m, t: nnx.grad(lambda m: jnp.sum(m(t)))(m), model, tokens).summary()
-        counts[n_blocks] = (fwd.get("all-reduce@model", {}).get("count", 0),
-                            grad.get("all-reduce@model", {}).get("count", 0))
+        counts[n_blocks] = (
+            fwd.get("all-reduce@model", {}).get("count", 0),
+            grad.get("all-reduce@model", {}).get("count", 0),
+        )
     assert counts[2][0] - counts[1][0] == 2
     assert counts[2][1] - counts[1][1] == 4
 
@@ -119,8 +124,11 @@ def test_unknown_name_and_indivisible_dimension_in_a_users_layer():
 
     with pytest.raises(ValueError, match="unknown logical axis 'experts'"):
         jaxtp.create(lambda rngs: Odd(rngs, ("embed", "experts"), (64, 8)), mesh)
-    with pytest.raises(ValueError, match=r"w: dimension 1 \(logical axis 'mlp', size 6\) is not divisible by mesh "
-                                         r"axis 'model' of size 4"):
+    with pytest.raises(
+        ValueError,
+        match=r"w: dimension 1 \(logical axis 'mlp', size 6\) is not divisible by mesh "
+        r"axis 'model' of size 4",
+    ):
         jaxtp.create(lambda rngs: Odd(rngs, ("embed", "mlp"), (64, 6)), mesh)
 
 
@@ -144,14 +152,16 @@ def test_non_causal_encoder_is_mesh_invariant_and_bidirectional():
     changed[:, -1] = (changed[:, -1] + 1) % 256
     one = jaxtp.create(Encoder, jaxtp.make_mesh("1x1"))
     out_1x1, out_changed = np.asarray(one(tokens)), np.asarray(one(changed))
-    np.testing.assert_allclose(np.asarray(jaxtp.create(Encoder, jaxtp.make_mesh("2x4"))(tokens)), out_1x1,
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(jaxtp.create(Encoder, jaxtp.make_mesh("2x4"))(tokens)), out_1x1, rtol=1e-5, atol=1e-5
+    )
     assert np.abs(out_changed[:, 0] - out_1x1[:, 0]).max() > 1e-4  # the first position sees the last token
     # A mask that hides the last key from every query makes the other positions blind to it again.
     mask_BST = np.ones((1, 12, 12), bool)
     mask_BST[..., -1] = False
-    np.testing.assert_allclose(np.asarray(one(changed, mask_BST))[:, :-1], np.asarray(one(tokens, mask_BST))[:, :-1],
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(one(changed, mask_BST))[:, :-1], np.asarray(one(tokens, mask_BST))[:, :-1], rtol=1e-6, atol=1e-6
+    )
 
 
 def test_table_cast_and_checkpoint_take_a_users_model(tmp_path):
@@ -207,13 +217,17 @@ def test_classifier_trains_alike_on_every_mesh_with_trainer_and_nnx_optimizer():
     runs = {}
     for spec in ("1x1", "2x4", "8x1"):
         mesh = jaxtp.make_mesh(spec)
-        batches = [jax.device_put({"tokens": t, "label": y}, jax.sharding.NamedSharding(mesh, P("data")))
-                   for t, y in zip(tokens, labels)]
+        batches = [
+            jax.device_put({"tokens": t, "label": y}, jax.sharding.NamedSharding(mesh, P("data")))
+            for t, y in zip(tokens, labels)
+        ]
         trainer = train.Trainer.create(jaxtp.create(Classifier, mesh), tc, loss_fn=loss_fn)
         model = jaxtp.create(Classifier, mesh)
         opt = nnx.Optimizer(model, train.make_optimizer(tc), wrt=nnx.Param)
-        runs[spec] = ([float(trainer.train_step(b)["loss"]) for b in batches],
-                      [float(step(model, opt, b)) for b in batches])
+        runs[spec] = (
+            [float(trainer.train_step(b)["loss"]) for b in batches],
+            [float(step(model, opt, b)) for b in batches],
+        )
     for spec, (with_trainer, with_nnx) in runs.items():
         np.testing.assert_allclose(with_trainer, runs["1x1"][0], rtol=1e-5, atol=1e-5, err_msg=spec)
         np.testing.assert_allclose(with_nnx, runs["1x1"][0], rtol=1e-5, atol=1e-5, err_msg=spec)

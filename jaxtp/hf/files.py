@@ -22,6 +22,21 @@ from typing import NamedTuple
 import ml_dtypes
 import numpy as np
 
+__all__ = [
+    "SINGLE",
+    "INDEX",
+    "PICKLED",
+    "FLOAT_DTYPES",
+    "NUMPY_DTYPES",
+    "TensorInfo",
+    "CheckpointError",
+    "resolve",
+    "read_json",
+    "weight_files",
+    "tensor_infos",
+    "RowReader",
+]
+
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "consolidated.00.pth")
@@ -31,6 +46,7 @@ NUMPY_DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16
 
 class TensorInfo(NamedTuple):
     """Where a tensor's bytes are: `start` is the absolute offset of its data in `file`."""
+
     shape: tuple[int, ...]
     dtype: str  # the safetensors name: F32, BF16, ...
     file: pathlib.Path
@@ -49,16 +65,20 @@ def resolve(path) -> pathlib.Path:
         return p
     if p.exists():
         raise CheckpointError(f"{path} is a file; pass the checkpoint's directory (the one holding config.json)")
-    try:
+    try:  # an optional dependency, imported only when a hub id is given
         from huggingface_hub import snapshot_download
     except ImportError:
-        raise CheckpointError(f"no checkpoint directory at {path}; pass a local directory holding config.json and "
-                              "*.safetensors (or install huggingface_hub to resolve hub ids)") from None
+        raise CheckpointError(
+            f"no checkpoint directory at {path}; pass a local directory holding config.json and "
+            "*.safetensors (or install huggingface_hub to resolve hub ids)"
+        ) from None
     try:
         return pathlib.Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.jinja"]))
     except Exception as e:  # network, auth, unknown repo: one line, whatever the hub client raised
-        raise CheckpointError(f"no checkpoint directory at {path}, and fetching it as a hub id failed "
-                              f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+        raise CheckpointError(
+            f"no checkpoint directory at {path}, and fetching it as a hub id failed "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+        ) from None
 
 
 def read_json(path: pathlib.Path, what: str) -> dict:
@@ -67,8 +87,9 @@ def read_json(path: pathlib.Path, what: str) -> dict:
     except FileNotFoundError:
         raise CheckpointError(f"{path.parent} has no {path.name}; {what}") from None
     except (OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not valid JSON ({type(e).__name__}: {e}); re-save or re-download it") \
-            from None
+        raise CheckpointError(
+            f"{path} is not valid JSON ({type(e).__name__}: {e}); re-save or re-download it"
+        ) from None
 
 
 def weight_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
@@ -77,21 +98,26 @@ def weight_files(directory: pathlib.Path) -> dict[str, pathlib.Path]:
         index = read_json(directory / INDEX, "")
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{directory / INDEX} has no weight_map; re-save the checkpoint with "
-                                  "save_pretrained(safe_serialization=True)")
+            raise CheckpointError(
+                f"{directory / INDEX} has no weight_map; re-save the checkpoint with "
+                "save_pretrained(safe_serialization=True)"
+            )
         files = {name: directory / f for name, f in weight_map.items()}
         for f in sorted(set(files.values())):
             if not f.exists():
-                raise CheckpointError(f"{f.name} is listed in {INDEX} but missing from {directory}; "
-                                      "download the whole checkpoint")
+                raise CheckpointError(
+                    f"{f.name} is listed in {INDEX} but missing from {directory}; download the whole checkpoint"
+                )
         return files
     if (directory / SINGLE).exists():
         return {name: directory / SINGLE for name in _header(directory / SINGLE)[0]}
     pickled = [p for p in PICKLED if (directory / p).exists()] + [p.name for p in directory.glob("*.bin")]
     if pickled:
-        raise CheckpointError(f"{directory} holds PyTorch pickle weights ({pickled[0]}), which jaxtp never unpickles "
-                              "(loading a pickle can run code); convert them to safetensors, e.g. "
-                              "model.save_pretrained(out, safe_serialization=True) in transformers")
+        raise CheckpointError(
+            f"{directory} holds PyTorch pickle weights ({pickled[0]}), which jaxtp never unpickles "
+            "(loading a pickle can run code); convert them to safetensors, e.g. "
+            "model.save_pretrained(out, safe_serialization=True) in transformers"
+        )
     raise CheckpointError(f"{directory} has no weights: expected {SINGLE}, or {INDEX} with its shards")
 
 
@@ -106,19 +132,24 @@ def _header(file: pathlib.Path) -> tuple[dict, int]:
                 raise ValueError("header longer than the file")
             header = json.loads(f.read(n))
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file} is not a readable safetensors file ({e}); it is truncated or corrupt: "
-                              "download or save it again") from None
+        raise CheckpointError(
+            f"{file} is not a readable safetensors file ({e}); it is truncated or corrupt: download or save it again"
+        ) from None
     header.pop("__metadata__", None)
     for name, t in header.items():
         begin, stop = (int(o) for o in t["data_offsets"])
         item = NUMPY_DTYPES[t["dtype"]].itemsize if t["dtype"] in NUMPY_DTYPES else None
         if not 0 <= begin <= stop or (item and stop - begin != math.prod(t["shape"]) * item):
-            raise CheckpointError(f"{file} is corrupt: tensor {name!r} spans bytes {begin}..{stop}, which does not "
-                                  f"fit its shape {t['shape']} and dtype {t['dtype']}; download or save it again")
+            raise CheckpointError(
+                f"{file} is corrupt: tensor {name!r} spans bytes {begin}..{stop}, which does not "
+                f"fit its shape {t['shape']} and dtype {t['dtype']}; download or save it again"
+            )
     end = max((int(t["data_offsets"][1]) for t in header.values()), default=0)
     if 8 + n + end > size:
-        raise CheckpointError(f"{file} is truncated: its header needs {8 + n + end:,} bytes, the file has {size:,}; "
-                              "download or save it again")
+        raise CheckpointError(
+            f"{file} is truncated: its header needs {8 + n + end:,} bytes, the file has {size:,}; "
+            "download or save it again"
+        )
     return header, 8 + n
 
 
@@ -133,8 +164,10 @@ def tensor_infos(files: dict[str, pathlib.Path]) -> dict[str, TensorInfo]:
                 out[name] = TensorInfo(tuple(t["shape"]), t["dtype"], file, data_start + begin, stop - begin)
     missing = sorted(set(files) - set(out))
     if missing:
-        raise CheckpointError(f"{files[missing[0]].name} lacks {missing[0]} although the index lists it there; "
-                              "the checkpoint is inconsistent: download or save it again")
+        raise CheckpointError(
+            f"{files[missing[0]].name} lacks {missing[0]} although the index lists it there; "
+            "the checkpoint is inconsistent: download or save it again"
+        )
     return out
 
 
@@ -153,13 +186,17 @@ class RowReader:
             n = (r1 - r0) * row_bytes if info.shape else info.nbytes
             if self.buffer.size < n:
                 self.buffer = np.empty(n, np.uint8)
-            self._read_into(info, info.start + r0 * row_bytes, memoryview(self.buffer[:n]))
+            self.read_into(info, info.start + r0 * row_bytes, memoryview(self.buffer[:n]))
             self.last = key
         shape = ((r1 - r0),) + info.shape[1:] if info.shape else ()
-        return self.buffer[:math.prod(shape) * NUMPY_DTYPES[info.dtype].itemsize].view(NUMPY_DTYPES[info.dtype]) \
+        return (
+            self.buffer[: math.prod(shape) * NUMPY_DTYPES[info.dtype].itemsize]
+            .view(NUMPY_DTYPES[info.dtype])
             .reshape(shape)
+        )
 
-    def _read_into(self, info: TensorInfo, offset: int, view: memoryview):
+    def read_into(self, info: TensorInfo, offset: int, view: memoryview):
+        """Fill `view` with the file's bytes from `offset`: every read of the loader passes here."""
         if info.file not in self.handles:
             self.handles[info.file] = open(info.file, "rb", buffering=0)
         f = self.handles[info.file]
@@ -168,8 +205,9 @@ class RowReader:
         while done < len(view):
             got = f.readinto(view[done:])
             if not got:
-                raise CheckpointError(f"{info.file} ended early: it is truncated or was changed while loading; "
-                                      "download or save it again")
+                raise CheckpointError(
+                    f"{info.file} ended early: it is truncated or was changed while loading; download or save it again"
+                )
             done += got
 
     def close(self):

@@ -31,12 +31,24 @@ from flax import nnx
 from numpy._core import multiarray as np_multiarray
 
 from ..build import abstract_sharded
+from ..int8 import QMAX, SCALE_FLOOR, Int8Scale, Int8Weight, channel_scale
 from ..model import Transformer
-from ..quant import PRECISIONS, QMAX, SCALE_FLOOR, Int8Scale, Int8Weight, channel_scale
+from ..quant import PRECISIONS, converting
 from ..sharding import Layout
 from .config import from_hf
-from .files import FLOAT_DTYPES, NUMPY_DTYPES, CheckpointError, RowReader, read_json, resolve, tensor_infos, weight_files
+from .files import (
+    FLOAT_DTYPES,
+    NUMPY_DTYPES,
+    CheckpointError,
+    RowReader,
+    read_json,
+    resolve,
+    tensor_infos,
+    weight_files,
+)
 from .mapping import IGNORED_SUFFIXES, TensorMap, param_map
+
+__all__ = ["load", "host_buffer"]
 
 ALIGN = 64  # bytes: the alignment XLA:CPU needs to adopt a host buffer without copying it
 STRIP = 8  # source rows per strip of a transposed copy: measured fastest among 4..32 on XLA:CPU hosts
@@ -59,8 +71,8 @@ def load(path, mesh, *, precision: str = "f32", rules=None, max_seq_len: int | N
     files = weight_files(directory)
     infos = tensor_infos(files)
 
-    abstract = abstract_sharded(lambda rngs: Transformer(cfg, layout=layout, rngs=rngs), mesh, layout,
-                                precision=precision)
+    build = converting(lambda rngs: Transformer(cfg, layout=layout, rngs=rngs), precision)
+    abstract = abstract_sharded(build, mesh, layout)
     graphdef, target = nnx.split(abstract)
     flat = nnx.to_flat_state(target)
     maps = {p: param_map(p, v, cfg) for p, v in flat if not isinstance(v, Int8Scale)}  # a scale reads its kernel
@@ -69,8 +81,11 @@ def load(path, mesh, *, precision: str = "f32", rules=None, max_seq_len: int | N
     arrays = []
     with _without_huge_pages(), contextlib.closing(reader.rows):
         for path, var in flat:
-            source = path if not isinstance(var, Int8Scale) else \
-                path[:-1] + (("table",) if path[0] == "embed" else ("kernel",))
+            source = (
+                path
+                if not isinstance(var, Int8Scale)
+                else path[:-1] + (("table",) if path[0] == "embed" else ("kernel",))
+            )
             arrays.append((path, var.replace(reader.array(var, maps[source], var.get_value().sharding))))
     return nnx.merge(graphdef, nnx.from_flat_state(arrays))
 
@@ -95,20 +110,31 @@ def _check(maps, infos, cfg, directory):
     expected = {n: tm for names, tm, _ in maps.values() for n in names}
     for name, tm in expected.items():
         if name not in infos:
-            raise CheckpointError(f"{directory} lacks tensor {name!r} that config.json implies; the weights do not "
-                                  "match config.json (wrong architecture or an incomplete download)")
+            raise CheckpointError(
+                f"{directory} lacks tensor {name!r} that config.json implies; the weights do not "
+                "match config.json (wrong architecture or an incomplete download)"
+            )
         shape, dtype = infos[name].shape, infos[name].dtype
         if shape != tm.hf_shape:
-            raise CheckpointError(f"tensor {name!r} has shape {list(shape)} but config.json implies "
-                                  f"{list(tm.hf_shape)}; the weights and config.json disagree")
+            raise CheckpointError(
+                f"tensor {name!r} has shape {list(shape)} but config.json implies "
+                f"{list(tm.hf_shape)}; the weights and config.json disagree"
+            )
         if dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"tensor {name!r} has dtype {dtype}; jaxtp.hf loads float checkpoints "
-                                  f"({', '.join(FLOAT_DTYPES)}), not pre-quantised ones")
-    extra = [n for n in infos if n not in expected and not n.endswith(IGNORED_SUFFIXES)
-             and not (cfg.tie_embeddings and n == "lm_head.weight")]
+            raise CheckpointError(
+                f"tensor {name!r} has dtype {dtype}; jaxtp.hf loads float checkpoints "
+                f"({', '.join(FLOAT_DTYPES)}), not pre-quantised ones"
+            )
+    extra = [
+        n
+        for n in infos
+        if n not in expected and not n.endswith(IGNORED_SUFFIXES) and not (cfg.tie_embeddings and n == "lm_head.weight")
+    ]
     if extra:
-        raise CheckpointError(f"{directory} holds {len(extra)} tensor(s) that config.json does not imply, e.g. "
-                              f"{extra[0]!r}; the weights do not match config.json")
+        raise CheckpointError(
+            f"{directory} holds {len(extra)} tensor(s) that config.json does not imply, e.g. "
+            f"{extra[0]!r}; the weights do not match config.json"
+        )
 
 
 class _Reader:
@@ -147,8 +173,13 @@ class _Reader:
             if isinstance(var, Int8Weight):
                 s = _scale_array(scales[i], _scale_shape(per_layer, tm))
                 rows = tm.row_axis_dims()
-                _quantise_into(out, read, index, s[tuple(index[d] if d in rows else slice(None)
-                                                         for d in range(len(index)))], rows[0])
+                _quantise_into(
+                    out,
+                    read,
+                    index,
+                    s[tuple(index[d] if d in rows else slice(None) for d in range(len(index)))],
+                    rows[0],
+                )
                 return
             _convert_into(out, read(index))
 
@@ -161,8 +192,10 @@ class _Reader:
                 fill(out, 0, index)
             return out
 
-        indices = {d: tuple(slice(*s.indices(n)[:2]) for s, n in zip(idx, shape))
-                   for d, idx in sharding.addressable_devices_indices_map(shape).items()}
+        indices = {
+            d: tuple(slice(*s.indices(n)[:2]) for s, n in zip(idx, shape))
+            for d, idx in sharding.addressable_devices_indices_map(shape).items()
+        }
         held, pieces = {}, []
         for device, index in indices.items():
             key = tuple((s.start, s.stop) for s in index)
@@ -195,7 +228,7 @@ def host_buffer(shape, dtype) -> np.ndarray:
     n = math.prod(shape) * dtype.itemsize
     raw = np.empty(n + ALIGN, np.uint8)
     skip = -raw.ctypes.data % ALIGN
-    return raw[skip:skip + n].view(dtype).reshape(shape)
+    return raw[skip : skip + n].view(dtype).reshape(shape)
 
 
 def _copy(x) -> np.ndarray:
@@ -283,8 +316,9 @@ def _quantise_into(out, read, index, scale, axis: int):
     for r0 in range(span.start, span.stop, step):
         part = slice(r0 - span.start, min(r0 + step, span.stop) - span.start)
         at = tuple(part if d == axis else slice(None) for d in range(out.ndim))
-        sub = tuple(slice(span.start + part.start, span.start + part.stop) if d == axis else s
-                    for d, s in enumerate(index))
+        sub = tuple(
+            slice(span.start + part.start, span.start + part.stop) if d == axis else s for d, s in enumerate(index)
+        )
         out[at] = _quantise(read(sub), scale[at])
 
 

@@ -16,24 +16,52 @@ import math
 
 import numpy as np
 
+__all__ = [
+    "LAYER",
+    "BLOCK_NAMES",
+    "TOP_NAMES",
+    "CONTRACT",
+    "IGNORED_SUFFIXES",
+    "TensorMap",
+    "tensor_map",
+    "layer_name",
+    "param_map",
+]
+
 LAYER = "model.layers.{i}."
 # jaxtp path inside a block -> HF name after "model.layers.{i}."
 BLOCK_NAMES = {
     "attn_norm/scale": "input_layernorm.weight",
     "mlp_norm/scale": "post_attention_layernorm.weight",
-    "attn/q/kernel": "self_attn.q_proj.weight", "attn/k/kernel": "self_attn.k_proj.weight",
-    "attn/v/kernel": "self_attn.v_proj.weight", "attn/o/kernel": "self_attn.o_proj.weight",
-    "attn/q/bias": "self_attn.q_proj.bias", "attn/k/bias": "self_attn.k_proj.bias",
+    "attn/q/kernel": "self_attn.q_proj.weight",
+    "attn/k/kernel": "self_attn.k_proj.weight",
+    "attn/v/kernel": "self_attn.v_proj.weight",
+    "attn/o/kernel": "self_attn.o_proj.weight",
+    "attn/q/bias": "self_attn.q_proj.bias",
+    "attn/k/bias": "self_attn.k_proj.bias",
     "attn/v/bias": "self_attn.v_proj.bias",
-    "attn/q_norm/scale": "self_attn.q_norm.weight", "attn/k_norm/scale": "self_attn.k_norm.weight",
-    "mlp/gate/kernel": "mlp.gate_proj.weight", "mlp/up/kernel": "mlp.up_proj.weight",
+    "attn/q_norm/scale": "self_attn.q_norm.weight",
+    "attn/k_norm/scale": "self_attn.k_norm.weight",
+    "mlp/gate/kernel": "mlp.gate_proj.weight",
+    "mlp/up/kernel": "mlp.up_proj.weight",
     "mlp/down/kernel": "mlp.down_proj.weight",
 }
-TOP_NAMES = {"embed/table": "model.embed_tokens.weight", "final_norm/scale": "model.norm.weight",
-             "head/kernel": "lm_head.weight"}
+TOP_NAMES = {
+    "embed/table": "model.embed_tokens.weight",
+    "final_norm/scale": "model.norm.weight",
+    "head/kernel": "lm_head.weight",
+}
 # Kernels contract their leading `contract` axes (Linear.contract); the rest are outputs.
-CONTRACT = {"attn/q/kernel": 1, "attn/k/kernel": 1, "attn/v/kernel": 1, "attn/o/kernel": 2,
-            "mlp/gate/kernel": 1, "mlp/up/kernel": 1, "mlp/down/kernel": 1, "head/kernel": 1}
+CONTRACT = {
+    "attn/q/kernel": 1,
+    "attn/k/kernel": 1,
+    "attn/v/kernel": 1,
+    "attn/o/kernel": 2,
+    "mlp/gate/kernel": 1,
+    "mlp/up/kernel": 1,
+    "mlp/down/kernel": 1,
+    "head/kernel": 1,
+}
 # Tensors some exporters write that carry nothing jaxtp needs (recomputed RoPE tables).
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -42,6 +70,7 @@ IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 class TensorMap:
     """One jaxtp parameter (of one layer) <-> one HF tensor. `groups[k]` lists the jaxtp dims flattened into
     HF dim k; `hf_shape` is the tensor's shape in the checkpoint (unpadded)."""
+
     hf_name: str
     groups: tuple[tuple[int, ...], ...]
     hf_shape: tuple[int, ...]

@@ -28,19 +28,35 @@ import ml_dtypes
 import numpy as np
 from flax import nnx
 
-from ..quant import Int8Scale, Int8Weight, precision_of
+from ..distributed import to_host
+from ..int8 import Int8Scale, Int8Weight
+from ..quant import precision_of
 from .config import to_hf
 from .files import INDEX, SINGLE
 from .mapping import param_map
 
+__all__ = ["save"]
+
 ST_DTYPES = {"float32": "F32", "bfloat16": "BF16"}
-DEFAULT_SHARD_BYTES = 5 * 2 ** 30  # transformers' own default max_shard_size
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json")
+DEFAULT_SHARD_BYTES = 5 * 2**30  # transformers' own default max_shard_size
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 
 
-def save(model, path, tokenizer=None, *, max_shard_bytes: int = DEFAULT_SHARD_BYTES, architecture: str | None = None,
-         force: bool = False) -> pathlib.Path:
+def save(
+    model,
+    path,
+    tokenizer=None,
+    *,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    architecture: str | None = None,
+    force: bool = False,
+) -> pathlib.Path:
     """Write `model` (a jaxtp Transformer, any mesh and precision) as a Hugging Face checkpoint at `path`."""
     path = pathlib.Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not force:
@@ -60,10 +76,14 @@ def save(model, path, tokenizer=None, *, max_shard_bytes: int = DEFAULT_SHARD_BY
         if writer:
             if len(shards) > 1:
                 total = sum(math.prod(t[0]) * np.dtype(t[1]).itemsize for t in tensors.values())
-                weight_map = {n: f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-                              for k, names in enumerate(shards) for n in names}
-                (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                    indent=2))
+                weight_map = {
+                    n: f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+                    for k, names in enumerate(shards)
+                    for n in names
+                }
+                (tmp / INDEX).write_text(
+                    json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2)
+                )
             (tmp / "config.json").write_text(json.dumps(hf_config, indent=2))
             if tokenizer is not None:
                 for name in TOKENIZER_FILES:
@@ -107,22 +127,15 @@ def _fetcher(var, scale, tm, layer, dtype):
         if scale is not None:
             s = scale[...] if layer is None else scale[...][layer]
             w = w.astype(jnp.float32) * s
-        return tm.to_hf(_host(w.astype(dtype)))
+        return tm.to_hf(to_host(w.astype(dtype)))
+
     return fetch
-
-
-def _host(x) -> np.ndarray:
-    if jax.process_count() > 1 and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-    return np.asarray(jax.device_get(x))
 
 
 def _order(name: str):
     """Embedding, layers in numeric order, final norm, head: the order transformers writes."""
     if name.startswith("model.layers."):
-        i, rest = name[len("model.layers."):].split(".", 1)
+        i, rest = name[len("model.layers.") :].split(".", 1)
         return (1, int(i), rest)
     return (0 if "embed_tokens" in name else 2 if name == "model.norm.weight" else 3, 0, name)
 

@@ -21,6 +21,8 @@ import jinja2.sandbox
 import numpy as np
 import tokenizers
 
+__all__ = ["Tokenizer", "tokenizer"]
+
 # transformers' named special tokens; other `*_token` keys in tokenizer_config.json join them as template variables.
 NAMED = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # names transformers copies a message's reasoning to
@@ -72,6 +74,7 @@ class _TemplateNamespace(jinja2.utils.Namespace):
 
 class _Generation(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}` renders its body, as in transformers (which also tracks the span)."""
+
     tags = {"generation"}
 
     def parse(self, parser):
@@ -98,10 +101,15 @@ def _compile(source: str) -> jinja2.Template:
     if tuple(int(p) for p in jinja2.__version__.split(".")[:3] if p.isdigit()) < (3, 1, 6):
         raise ImportError(f"jinja2 {jinja2.__version__} has known sandbox escapes; pip install -U 'jinja2>=3.1.6'")
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols])
+        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = _tojson
-    env.globals.update(raise_exception=_raise_exception, dict=_TemplateDict(), namespace=_TemplateNamespace,
-                       strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt))
+    env.globals.update(
+        raise_exception=_raise_exception,
+        dict=_TemplateDict(),
+        namespace=_TemplateNamespace,
+        strftime_now=lambda fmt: datetime.datetime.now().strftime(fmt),
+    )
     return env.from_string(source)
 
 
@@ -149,8 +157,11 @@ class Tokenizer:
         if "added_tokens_decoder" not in cfg:  # transformers reads the legacy special_tokens_map.json only then
             cfg = {**cfg, **_json(path / "special_tokens_map.json")}
         self._tok.encode_special_tokens = bool(cfg.get("split_special_tokens", False))
-        self.special_tokens = {k: _content(v) for k, v in cfg.items()  # template variables, as special_tokens_map
-                               if isinstance(v, str) and k.endswith("_token") or k in NAMED and isinstance(v, dict)}
+        self.special_tokens = {
+            k: _content(v)
+            for k, v in cfg.items()  # template variables, as special_tokens_map
+            if isinstance(v, str) and k.endswith("_token") or k in NAMED and isinstance(v, dict)
+        }
         if isinstance(cfg.get("extra_special_tokens"), dict):
             self.special_tokens.update({k: _content(v) for k, v in cfg["extra_special_tokens"].items()})
         self.special_tokens = {k: v for k, v in self.special_tokens.items() if v is not None}
@@ -164,7 +175,8 @@ class Tokenizer:
         # transformers skips clean_up_tokenization_spaces for BPE, where it would eat real spaces before punctuation.
         is_bpe = type(self._tok.model).__name__ == "BPE"
         self._clean_up = bool(cfg.get("clean_up_tokenization_spaces", False)) and (
-            not is_bpe or cfg.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False))
+            not is_bpe or cfg.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
+        )
         self.chat_templates = self._chat_templates(cfg)
         eos = _json(path / "generation_config.json").get("eos_token_id")
         eos = _json(path / "config.json").get("eos_token_id") if eos is None else eos
@@ -195,7 +207,9 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
-    def encode_with_offsets(self, text: str, add_special_tokens: bool = False) -> tuple[list[int], list[tuple[int, int]]]:
+    def encode_with_offsets(
+        self, text: str, add_special_tokens: bool = False
+    ) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids and each token's (start, end) character offsets in `text` (bits/byte needs the bytes a token covers)."""
         enc = self._tok.encode(text, add_special_tokens=add_special_tokens)
         return enc.ids, enc.offsets
@@ -204,13 +218,32 @@ class Tokenizer:
         ids = [int(ids)] if not hasattr(ids, "__iter__") else [int(i) for i in ids]  # numpy/jax ids welcome
         text = self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
         if self._clean_up:  # transformers' clean_up_tokenization, for WordPiece-era tokenizers
-            for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                                  (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+            for before, after in (
+                (" .", "."),
+                (" ?", "?"),
+                (" !", "!"),
+                (" ,", ","),
+                (" ' ", "'"),
+                (" n't", "n't"),
+                (" 'm", "'m"),
+                (" 's", "'s"),
+                (" 've", "'ve"),
+                (" 're", "'re"),
+            ):
                 text = text.replace(before, after)
         return text
 
-    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False, *,
-                            tools=None, documents=None, chat_template: str | None = None, **kwargs):
+    def apply_chat_template(
+        self,
+        messages,
+        add_generation_prompt: bool = True,
+        tokenize: bool = False,
+        *,
+        tools=None,
+        documents=None,
+        chat_template: str | None = None,
+        **kwargs,
+    ):
         """Render `messages` as transformers does (string), or its ids without added BOS/EOS if `tokenize`."""
         templates = self.chat_templates
         if chat_template in templates:
@@ -218,11 +251,15 @@ class Tokenizer:
         elif chat_template is None:
             name = "tool_use" if tools is not None and "tool_use" in templates else "default"
             if not templates:
-                raise ValueError(f"{self.path} has no chat template (tokenizer_config.json 'chat_template' or "
-                                 "chat_template.jinja); pass chat_template=... or add one to the checkpoint")
+                raise ValueError(
+                    f"{self.path} has no chat template (tokenizer_config.json 'chat_template' or "
+                    "chat_template.jinja); pass chat_template=... or add one to the checkpoint"
+                )
             if name not in templates:
-                raise ValueError(f"{self.path} has chat templates {sorted(templates)} but none named 'default'; "
-                                 "pass chat_template=NAME")
+                raise ValueError(
+                    f"{self.path} has chat templates {sorted(templates)} but none named 'default'; "
+                    "pass chat_template=NAME"
+                )
             chat_template = templates[name]
         if not messages:
             raise ValueError("cannot apply a chat template to an empty conversation")
@@ -232,8 +269,12 @@ class Tokenizer:
             raise TypeError("documents must be dicts with 'title' and 'text' keys")
         variables = _plain({**self.special_tokens, **kwargs})  # kwargs override special tokens, as in transformers
         text = _compile(chat_template).render(
-            messages=_plain([_message(m) for m in messages]), tools=_plain(tools), documents=_plain(documents),
-            add_generation_prompt=add_generation_prompt, **variables)
+            messages=_plain([_message(m) for m in messages]),
+            tools=_plain(tools),
+            documents=_plain(documents),
+            add_generation_prompt=add_generation_prompt,
+            **variables,
+        )
         return self.encode(text, add_special_tokens=False) if tokenize else text
 
 

@@ -1,6 +1,7 @@
 """One training job, printed section by section: layout, memory, collectives, training, quality, speed.
 
-Kept apart from run.py (argument parsing and input checks) so each file has one job.
+`jaxtp run` (jaxtp.cli: argument parsing and input checks) builds one and runs it; kept apart so each
+module has one job. Errors that are the user's to fix are jaxtp.errors.UserError.
 """
 
 from __future__ import annotations
@@ -16,11 +17,14 @@ from tqdm import tqdm
 
 import jaxtp
 from jaxtp import checkpoint, data, measure, train
+from jaxtp.errors import UserError, user_input
+from jaxtp.generation import kv_cache_quality
 from jaxtp.mesh import describe_mesh
+from jaxtp.quant import PRECISIONS
 
-PRECISIONS = ("f32", "bf16", "int8", "w8a8")
 SAMPLE_PROMPT = "def "
 SAMPLE_PROMPT_TOKENS = 8  # --hf: the sample continues the held-out text's first tokens
+KV_WINDOWS, KV_PROMPT_TOKENS, KV_NEW_TOKENS = 16, 64, 64  # the int8 KV cache check's held-out windows
 
 
 def section(title: str):
@@ -38,16 +42,35 @@ class TrainingJob:
     """`hf`: fine-tune that Hugging Face checkpoint (its config is `cfg`) on `corpus` tokenised with `tokenizer`,
     and write the result to `export_hf` if given; otherwise train `cfg` from scratch on bytes."""
 
-    def __init__(self, out: pathlib.Path, cfg, tc, mesh, corpus, sample_len: int = 200, checkpoint_every: int = 0,
-                 keep: int = 3, resume: bool = False, rules: str = "megatron", lean: bool = False, hf=None,
-                 tokenizer=None, export_hf=None):
+    def __init__(
+        self,
+        out: pathlib.Path,
+        cfg,
+        tc,
+        mesh,
+        corpus,
+        sample_len: int = 200,
+        checkpoint_every: int = 0,
+        keep: int = 3,
+        resume: bool = False,
+        rules: str = "megatron",
+        lean: bool = False,
+        hf=None,
+        tokenizer=None,
+        export_hf=None,
+    ):
         self.out, self.cfg, self.tc, self.mesh, self.corpus, self.sample_len = out, cfg, tc, mesh, corpus, sample_len
         self.checkpoint_every, self.resume, self.rules, self.lean = checkpoint_every, resume, rules, lean
         self.hf, self.tokenizer, self.export_hf = hf, tokenizer, export_hf
         self.unit = "byte" if tokenizer is None else "token"
         self.ckpts = checkpoint.TrainCheckpoints(out / "checkpoints", keep) if checkpoint_every or resume else None
-        self.report: dict = {"mesh": dict(mesh.shape), "rules": rules, "model": cfg.to_dict(), "train": tc.__dict__,
-                             "data": corpus.describe()}
+        self.report: dict = {
+            "mesh": dict(mesh.shape),
+            "rules": rules,
+            "model": cfg.to_dict(),
+            "train": tc.__dict__,
+            "data": corpus.describe(),
+        }
         if hf:
             self.report["hf"] = str(hf)
 
@@ -73,8 +96,14 @@ class TrainingJob:
         t = time.perf_counter()
         if self.hf:
             c = self.cfg
-            self.model = jaxtp.hf.load(self.hf, self.mesh, rules=self.rules, scan_layers=c.scan_layers, remat=c.remat,
-                                       compute_dtype=c.compute_dtype)
+            self.model = jaxtp.hf.load(
+                self.hf,
+                self.mesh,
+                rules=self.rules,
+                scan_layers=c.scan_layers,
+                remat=c.remat,
+                compute_dtype=c.compute_dtype,
+            )
         else:
             self.model = jaxtp.Transformer.create(self.cfg, self.mesh, seed=self.tc.seed, rules=self.rules)
         self.report["init_s"] = time.perf_counter() - t
@@ -85,18 +114,27 @@ class TrainingJob:
         self.report["params"] = table.total_params
         if self.hf:
             print(f"loaded {self.hf} in {self.report['init_s']:.1f} s")
-        print(f"{self.cfg.n_layers} layers, d_model {self.cfg.d_model}, {self.cfg.n_heads} heads "
-              f"({self.cfg.n_kv_heads} kv), d_ff {self.cfg.d_ff}, vocab {self.cfg.vocab_size} -> "
-              f"{table.total_params:,} parameters")
-        per_block = [r for r in table.rows  # a scanned model's one block holds every layer's params, stacked
-                     if r.path.startswith("blocks/" if self.cfg.scan_layers else "blocks/0/")]
+        print(
+            f"{self.cfg.n_layers} layers, d_model {self.cfg.d_model}, {self.cfg.n_heads} heads "
+            f"({self.cfg.n_kv_heads} kv), d_ff {self.cfg.d_ff}, vocab {self.cfg.vocab_size} -> "
+            f"{table.total_params:,} parameters"
+        )
+        per_block = [
+            r
+            for r in table.rows  # a scanned model's one block holds every layer's params, stacked
+            if r.path.startswith("blocks/" if self.cfg.scan_layers else "blocks/0/")
+        ]
         others = [r for r in table.rows if not r.path.startswith("blocks/")]
         for r in per_block + others:
-            print(f"  {r.path:28s} {str(r.spec):26s} {'x'.join(map(str, r.shape)):>10s} -> "
-                  f"{'x'.join(map(str, r.local_shape)):>10s} per device")
+            print(
+                f"  {r.path:28s} {str(r.spec):26s} {'x'.join(map(str, r.shape)):>10s} -> "
+                f"{'x'.join(map(str, r.local_shape)):>10s} per device"
+            )
         self.report["bytes_per_device"] = self.bytes_by_precision(table)
-        print("parameter bytes per device: " + ", ".join(
-            f"{k} {fmt_bytes(v)}" for k, v in self.report["bytes_per_device"].items()))
+        print(
+            "parameter bytes per device: "
+            + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.report["bytes_per_device"].items())
+        )
 
     def bytes_by_precision(self, table) -> dict:
         """Per-device bytes of the actual arrays after casting (int8 includes its scales)."""
@@ -111,12 +149,15 @@ class TrainingJob:
 
     def restore(self) -> list:
         tr = self.trainer
-        step, tr.params, tr.opt_state, meta = self.ckpts.restore(tr.params, tr.opt_state)
+        with user_input(ValueError, OSError):  # none complete, truncated, or not this model's: one line each
+            step, tr.params, tr.opt_state, meta = self.ckpts.restore(tr.params, tr.opt_state)
         mine = json.loads(json.dumps(self.identity()))
         for key in ("config", "train", "data"):
             if meta.get(key) != mine[key]:
-                raise ValueError(f"--resume: the checkpoint in {self.ckpts.directory} was written with a different "
-                                 f"{key} ({meta.get(key)} vs now {mine[key]}); use the original arguments")
+                raise UserError(
+                    f"--resume: the checkpoint in {self.ckpts.directory} was written with a different "
+                    f"{key} ({meta.get(key)} vs now {mine[key]}); use the original arguments"
+                )
         tr.step = step
         print(f"resumed from step {step} of {self.tc.steps} ({self.ckpts.directory})")
         return list(meta["loss"])
@@ -135,13 +176,13 @@ class TrainingJob:
         self.report["timing"] = {"compile_s": time.perf_counter() - t}
         tr.step_fn = compiled  # run the very executable we inspect: one compile, no surprises
         section("train step memory per device (XLA memory analysis)")
-        m = compiled.memory_analysis()
-        mem = {k: int(getattr(m, f"{k}_size_in_bytes", 0) or 0) for k in ("argument", "output", "temp", "alias")}
-        mem["total"] = mem["argument"] + mem["output"] - mem["alias"] + mem["temp"]
+        mem = measure.memory_per_device(compiled)
         self.report["memory_per_device"] = mem
-        print(f"  arguments {fmt_bytes(mem['argument'])} (params + optimizer state + batch), outputs "
-              f"{fmt_bytes(mem['output'])} ({fmt_bytes(mem['alias'])} aliased to donated inputs), "
-              f"temporaries {fmt_bytes(mem['temp'])} -> {fmt_bytes(mem['total'])} per device")
+        print(
+            f"  arguments {fmt_bytes(mem['argument'])} (params + optimizer state + batch), outputs "
+            f"{fmt_bytes(mem['output'])} ({fmt_bytes(mem['alias'])} aliased to donated inputs), "
+            f"temporaries {fmt_bytes(mem['temp'])} -> {fmt_bytes(mem['total'])} per device"
+        )
         section("collectives in the compiled train step")
         total = measure.collectives_of(compiled, self.mesh)
         self.report["collectives_per_step"] = total
@@ -156,7 +197,8 @@ class TrainingJob:
             return
         else:
             compiled_one_layer = train.compile_train_step(
-                self.cfg.replace(n_layers=1), self.model.layout, tc, data.batch_sharding(self.mesh))
+                self.cfg.replace(n_layers=1), self.model.layout, tc, data.batch_sharding(self.mesh)
+            )
             per = measure.per_layer(total, measure.collectives_of(compiled_one_layer, self.mesh), self.cfg.n_layers)
             how = "count with L layers minus count with 1 layer, / (L-1)"
         self.report["collectives_per_layer"] = per
@@ -171,8 +213,15 @@ class TrainingJob:
         tr, tc = self.trainer, self.tc
         losses, times = self.losses, []
         tokens = tc.batch_size * tc.seq_len
-        bar = tqdm(range(tr.step, tc.steps), desc="train", unit="step", mininterval=1.0, initial=tr.step,
-                   total=tc.steps, disable=jax.process_index() != 0)
+        bar = tqdm(
+            range(tr.step, tc.steps),
+            desc="train",
+            unit="step",
+            mininterval=1.0,
+            initial=tr.step,
+            total=tc.steps,
+            disable=jax.process_index() != 0,
+        )
         batch = data.train_batch(self.corpus.train, self.mesh, tc.batch_size, tc.seq_len, tc.seed, tr.step)
         for step in bar:
             t = time.perf_counter()
@@ -183,7 +232,7 @@ class TrainingJob:
             times.append(time.perf_counter() - t)
             losses.append(loss)
             if not math.isfinite(loss):
-                raise ValueError(f"loss became {loss} at step {step + 1}; lower --lr")
+                raise UserError(f"loss became {loss} at step {step + 1}; lower --lr")
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / times[-1]:,.0f}", refresh=False)
             if self.checkpoint_every and tr.step % self.checkpoint_every == 0:
                 self.save_checkpoint()
@@ -203,8 +252,9 @@ class TrainingJob:
         return r
 
     def format_loss(self, r: dict) -> str:
-        return (f"{r['loss']:.4f} nats/{self.unit} = {r['bits_per_byte']:.3f} bits/byte, "
-                f"perplexity {r['perplexity']:.2f}")
+        return (
+            f"{r['loss']:.4f} nats/{self.unit} = {r['bits_per_byte']:.3f} bits/byte, perplexity {r['perplexity']:.2f}"
+        )
 
     def evaluate(self):
         section("held-out evaluation")
@@ -220,31 +270,62 @@ class TrainingJob:
         print(f"  f32: {self.format_loss(f32)}   (uniform {self.unit}s: {uniform:.2f} nats)")
         if len(ev) > 1:
             tokens = self.tokenizer is not None  # bits/byte differs from nats per token / ln 2: a column of its own
-            print(f"  {'precision':9s} {'bytes/device':>14s} {'nats/' + self.unit:>10s} {'delta vs f32':>13s} "
-                  f"{'top-1 agree':>11s} {'KL':>9s}" + (f" {'bits/byte':>9s}" if tokens else ""))
+            print(
+                f"  {'precision':9s} {'bytes/device':>14s} {'nats/' + self.unit:>10s} {'delta vs f32':>13s} "
+                f"{'top-1 agree':>11s} {'KL':>9s}" + (f" {'bits/byte':>9s}" if tokens else "")
+            )
             for p, r in ev.items():
-                print(f"  {p:9s} {fmt_bytes(r.get('bytes_per_device', 0)):>14s} {r['loss']:10.4f} "
-                      f"{r.get('delta_vs_f32', 0.0):+13.5f} {r.get('top1_agreement', 1.0):11.4f} "
-                      f"{r.get('kl_vs_f32', 0.0):9.2e}" + (f" {r['bits_per_byte']:9.3f}" if tokens else ""))
+                print(
+                    f"  {p:9s} {fmt_bytes(r.get('bytes_per_device', 0)):>14s} {r['loss']:10.4f} "
+                    f"{r.get('delta_vs_f32', 0.0):+13.5f} {r.get('top1_agreement', 1.0):11.4f} "
+                    f"{r.get('kl_vs_f32', 0.0):9.2e}" + (f" {r['bits_per_byte']:9.3f}" if tokens else "")
+                )
         if self.lean:
             return
+        self.kv_cache_check(model)
         section("sample")
         self.report["sample"] = self.sample(model)
         print(self.report["sample"])
 
+    def kv_cache_check(self, model):
+        """The int8 KV cache against the bf16 one on held-out windows (jaxtp.generation.kv_cache_quality): greedy
+        agreement over KV_NEW_TOKENS new tokens, free-running and step by step, and the nll change."""
+        prompt = min(KV_PROMPT_TOKENS, self.cfg.max_seq_len // 2)
+        new = min(KV_NEW_TOKENS, self.cfg.max_seq_len - prompt)
+        held = self.corpus.heldout
+        if len(held) <= prompt + new:  # a small --data file: its held-out split holds no window
+            print(
+                f"  int8 KV cache check skipped: the held-out split has {len(held)} {self.unit}s, fewer than "
+                f"{prompt + new + 1}"
+            )
+            return
+        starts = np.linspace(0, len(held) - prompt - new - 1, KV_WINDOWS).astype(int)
+        windows = np.stack([held[s : s + prompt + new] for s in starts]).astype(np.int32)
+        q = kv_cache_quality(model, windows, prompt, new)
+        self.report["kv_cache_int8"] = q
+        print(
+            f"  int8 KV cache vs bf16 ({KV_WINDOWS} windows, {prompt} + {new} {self.unit}s): greedy agreement "
+            f"{q['agreement']:.3f} (step by step {q['step_agreement']:.4f}), delta nll {q['delta_nll']:+.2e} "
+            f"nats/{self.unit}"
+        )
+
     def sample(self, model) -> str:
         """Bytes: continue "def ". --hf: continue the held-out text's first tokens, until an eos token."""
         tok = self.tokenizer
-        prompt = (data.encode(SAMPLE_PROMPT) if tok is None
-                  else self.corpus.heldout[:min(SAMPLE_PROMPT_TOKENS, self.tc.seq_len // 2)])
+        prompt = (
+            data.encode(SAMPLE_PROMPT)
+            if tok is None
+            else self.corpus.heldout[: min(SAMPLE_PROMPT_TOKENS, self.tc.seq_len // 2)]
+        )
         n = min(self.sample_len, self.tc.seq_len - len(prompt))  # stay within the trained context
         eos = None if tok is None else tok.eos_token_id
-        out = np.asarray(jaxtp.generate(model, prompt[None, :], n, temperature=0.7, top_k=40, seed=self.tc.seed,
-                                        eos_id=eos))[0]
+        out = np.asarray(
+            jaxtp.generate(model, prompt[None, :], n, temperature=0.7, top_k=40, seed=self.tc.seed, eos_id=eos)
+        )[0]
         if tok is None:
             return SAMPLE_PROMPT + data.decode(out)
         ends = [i for i, t in enumerate(out) if t in tok.eos_token_ids]
-        return tok.decode(np.concatenate([prompt, out[:ends[0] if ends else n]]))
+        return tok.decode(np.concatenate([prompt, out[: ends[0] if ends else n]]))
 
     def export(self):
         from jaxtp.hf.config import architecture
@@ -259,7 +340,7 @@ class TrainingJob:
     def timing(self):
         section("speed")
         tc, t = self.tc, self.report["timing"]
-        warm = self.step_times[min(5, len(self.step_times) - 1):] or [float("nan")]
+        warm = self.step_times[min(5, len(self.step_times) - 1) :] or [float("nan")]
         t["step_s_median"] = float(np.median(warm))
         t["tokens_per_s"] = tc.batch_size * tc.seq_len / t["step_s_median"]
         t["flops_per_step"] = train.train_flops_per_step(self.cfg, tc.batch_size, tc.seq_len)
@@ -267,11 +348,15 @@ class TrainingJob:
         t["peak_flops_per_s"] = measure.matmul_peak_flops()
         t["mfu"] = t["flops_per_s"] / t["peak_flops_per_s"]
         t["total_train_s"] = float(np.sum(self.step_times))
-        print(f"  compile {t['compile_s']:.1f} s, median step {t['step_s_median'] * 1e3:.1f} ms, "
-              f"{t['tokens_per_s']:,.0f} tokens/s")
-        print(f"  {t['flops_per_s'] / 1e9:.2f} GFLOP/s achieved (6*P*T + non-causal attention per step); "
-              f"peak {t['peak_flops_per_s'] / 1e9:.1f} GFLOP/s (median 1024^3 f32 matmul on one device, this run) "
-              f"-> MFU {100 * t['mfu']:.1f}%")
+        print(
+            f"  compile {t['compile_s']:.1f} s, median step {t['step_s_median'] * 1e3:.1f} ms, "
+            f"{t['tokens_per_s']:,.0f} tokens/s"
+        )
+        print(
+            f"  {t['flops_per_s'] / 1e9:.2f} GFLOP/s achieved (6*P*T + non-causal attention per step); "
+            f"peak {t['peak_flops_per_s'] / 1e9:.1f} GFLOP/s (median 1024^3 f32 matmul on one device, this run) "
+            f"-> MFU {100 * t['mfu']:.1f}%"
+        )
 
     def write(self):
         if jax.process_index() != 0:  # reports and plots are written once
@@ -285,8 +370,12 @@ class TrainingJob:
         fig, ax = plt.subplots(figsize=(7, 4))
         ax.plot(range(1, len(self.report["loss"]) + 1), self.report["loss"], lw=1, label="train")
         ax.axhline(self.report["eval"]["f32"]["loss"], color="C1", ls="--", label="held-out (end)")
-        ax.set(xlabel="step", ylabel=f"nats/{self.unit}", title=f"{self.cfg.n_layers}L d{self.cfg.d_model} on "
-               + "x".join(f"{k}={v}" for k, v in self.mesh.shape.items()))
+        ax.set(
+            xlabel="step",
+            ylabel=f"nats/{self.unit}",
+            title=f"{self.cfg.n_layers}L d{self.cfg.d_model} on "
+            + "x".join(f"{k}={v}" for k, v in self.mesh.shape.items()),
+        )
         ax.legend()
         fig.tight_layout()
         fig.savefig(self.out / "loss.png", dpi=100)
