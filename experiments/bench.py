@@ -44,7 +44,7 @@ a bf16 vs an int8 KV cache at cache lengths 512 and 4096.
 On a machine without an accelerator, N fake CPU devices (default 8) are created before JAX starts so
 that sharded meshes run; with a GPU/TPU, the fake CPU devices are harmless and meshes use the real ones.
 On XLA:CPU an int8 x int8 dot runs at about f32 speed, bf16 matmuls run slower than f32, and weight-only
-int8 is slower still at decode shapes (the dequantised weight is written out first): CPU rows for bf16/int8
+int8 is slower still at decode shapes (the dequantized weight is written out first): CPU rows for bf16/int8
 measure numerics and bytes; their speed needs a GPU or TPU.
 """
 
@@ -125,13 +125,20 @@ def parse_args(argv=None):
         "tiny,small; --quick: tiny,mid and tiny)",
     )
     p.add_argument("--meshes", default="1x1,2x4,1x8", help="comma list of mesh specs (data x model)")
-    p.add_argument("--precisions", default="f32,bf16,int8", help="generation: comma list; bf16/int8 need jaxtp.cast")
     p.add_argument(
-        "--train-precisions", help=f"train: comma list of {', '.join(TRAIN_PRECISIONS)} (default both; --quick: f32)"
+        "--precisions", default="f32,bf16,int8", help="generation: comma list; bf16/int8 need jaxtp.cast"
+    )
+    p.add_argument(
+        "--train-precisions",
+        help=f"train: comma list of {', '.join(TRAIN_PRECISIONS)} (default both; --quick: f32)",
     )
     p.add_argument("--batch", type=int, help="generation: prompts per batch (default 8)")
-    p.add_argument("--prompt-len", type=int, help="generation: prompt tokens per row (default 32; --quick 16)")
-    p.add_argument("--new-tokens", type=int, help="generation: generated tokens per row (default 64; --quick 16)")
+    p.add_argument(
+        "--prompt-len", type=int, help="generation: prompt tokens per row (default 32; --quick 16)"
+    )
+    p.add_argument(
+        "--new-tokens", type=int, help="generation: generated tokens per row (default 64; --quick 16)"
+    )
     p.add_argument(
         "--attention-model",
         default="small",
@@ -167,7 +174,9 @@ def parse_args(argv=None):
     given = args.presets.split(",") if args.presets else None
     args.train_presets = given or (["tiny", "mid"] if quick else ["tiny", "mid", "small"])
     args.presets = given or (["tiny"] if quick else ["tiny", "small"])
-    args.train_precisions = (args.train_precisions or ("f32" if quick else ",".join(TRAIN_PRECISIONS))).split(",")
+    args.train_precisions = (args.train_precisions or ("f32" if quick else ",".join(TRAIN_PRECISIONS))).split(
+        ","
+    )
     args.meshes = args.meshes.split(",")
     args.precisions = args.precisions.split(",")
     args.sections = args.sections.split(",")
@@ -225,7 +234,9 @@ def model_config(name: str):
         elif switch.startswith("remat="):
             cfg = cfg.replace(remat=switch[len("remat=") :])
         else:
-            raise ValueError(f"unknown model switch {switch!r} in {name!r}; use +scan or +remat=none|full|dots")
+            raise ValueError(
+                f"unknown model switch {switch!r} in {name!r}; use +scan or +remat=none|full|dots"
+            )
     return cfg
 
 
@@ -318,7 +329,9 @@ def compile_step(cell: TrainCell) -> dict:
     compiled, times = compile_timed(tr.step_fn, tr.params, tr.opt_state, cell.batch())
     summary = parse_collectives(compiled.as_text(), cell.mesh).summary()
     model_axis = {k.split("@")[0]: v["count"] for k, v in summary.items() if k.endswith("@model")}
-    return dict(times, temp_bytes_per_device=memory_per_device(compiled)["temp"], collectives_model=model_axis)
+    return dict(
+        times, temp_bytes_per_device=memory_per_device(compiled)["temp"], collectives_model=model_axis
+    )
 
 
 def prepare_cell(name: str, precision: str, spec: str, cfg, corpus, impl: str = "jaxtp") -> TrainCell:
@@ -345,13 +358,18 @@ def prepare_cell(name: str, precision: str, spec: str, cfg, corpus, impl: str = 
         cell.mesh = jaxtp.make_mesh(spec)
         data.check_batch(batch, cell.mesh)
         if impl == "plain":
-            cell.mesh = jax.sharding.Mesh(cell.mesh.devices, cell.mesh.axis_names)  # Auto axes: plain jit code
+            cell.mesh = jax.sharding.Mesh(
+                cell.mesh.devices, cell.mesh.axis_names
+            )  # Auto axes: plain jit code
             cell.trainer = PlainTrainer(cfg, cell.mesh, tc.lr, tc.weight_decay, tc.clip_norm, tc.b1, tc.b2)
         else:
             cell.trainer = train.Trainer.create(jaxtp.Transformer.create(cfg, cell.mesh, seed=0), tc)
     except ValueError as e:  # too few devices, a mesh that does not divide heads / d_ff / the batch
         cell.row["skipped"] = str(e).split(";")[0]
-        print(f"  {name} N={cfg.n_heads} {spec} {precision} {impl}: skipped ({cell.row['skipped']})", file=sys.stderr)
+        print(
+            f"  {name} N={cfg.n_heads} {spec} {precision} {impl}: skipped ({cell.row['skipped']})",
+            file=sys.stderr,
+        )
         return cell
     cell.row.update(
         compile_step(cell),
@@ -379,7 +397,9 @@ def finish_row(cell: TrainCell) -> dict:
         step_times_s=cell.times,
         jit_cache_size=compile_count(cell.trainer.step_fn),
     )
-    r.update(tokens_per_s=r["batch"] * r["seq_len"] / r["step_s"], flops_per_s=r["flops_per_step"] / r["step_s"])
+    r.update(
+        tokens_per_s=r["batch"] * r["seq_len"] / r["step_s"], flops_per_s=r["flops_per_step"] / r["step_s"]
+    )
     print(
         f"  {r['preset']} N={r['heads']} {r['mesh']} {r['precision']} {r['impl']}: compile {r['compile_s']:.1f}s, "
         f"step {r['step_s'] * 1e3:.1f} ms, {r['tokens_per_s']:,.0f} tok/s, cache {r['jit_cache_size']}",
@@ -397,7 +417,9 @@ def add_mfu(rows: list[dict], peaks: list[float]) -> None:
     """MFU of every timed row against the larger of the matmul peaks measured at start and end."""
     for r in rows:
         if "step_s" in r:
-            r.update(peak_flops_per_s=max(peaks), peak_start_flops_per_s=peaks[0], peak_end_flops_per_s=peaks[1])
+            r.update(
+                peak_flops_per_s=max(peaks), peak_start_flops_per_s=peaks[0], peak_end_flops_per_s=peaks[1]
+            )
             r["mfu"] = r["flops_per_s"] / (max(peaks) * parallel_devices(r["mesh"]))
 
 
@@ -408,7 +430,9 @@ def bench_train(args) -> list[dict]:
     rows = []
     for name in args.train_presets:
         for precision in args.train_precisions:
-            impls = ["jaxtp", "plain"] if args.reference and precision == "f32" and "+" not in name else ["jaxtp"]
+            impls = (
+                ["jaxtp", "plain"] if args.reference and precision == "f32" and "+" not in name else ["jaxtp"]
+            )
             cells = [
                 prepare_cell(name, precision, spec, cfg, corpus, impl)
                 for impl in impls
@@ -448,7 +472,10 @@ def overhead_checks(rows: list[dict]) -> list[dict]:
         (
             r
             for r in f32
-            if r["preset"] == preset and r["mesh"] == mesh and heads in (None, r["heads"]) and r["impl"] == impl
+            if r["preset"] == preset
+            and r["mesh"] == mesh
+            and heads in (None, r["heads"])
+            and r["impl"] == impl
         ),
         None,
     )
@@ -468,13 +495,22 @@ def overhead_checks(rows: list[dict]) -> list[dict]:
             value, heads = ratio(preset, mesh)
             checks.append(
                 dict(
-                    check(preset, f"step({mesh})/step(1x1)" + (f" N={heads}" if heads else ""), value, "<=", limit),
+                    check(
+                        preset,
+                        f"step({mesh})/step(1x1)" + (f" N={heads}" if heads else ""),
+                        value,
+                        "<=",
+                        limit,
+                    ),
                     plain=ratio(preset, mesh, "plain")[0],
                 )
             )
     mid, plain_mid = find("mid", "2x4"), find("mid", "2x4", impl="plain")
     checks += [
-        dict(check("mid", f"2x4 {key}", mid and mid.get(key), op, limit), plain=plain_mid and plain_mid.get(key))
+        dict(
+            check("mid", f"2x4 {key}", mid and mid.get(key), op, limit),
+            plain=plain_mid and plain_mid.get(key),
+        )
         for key, op, limit in MID_TARGETS
     ]
     timed = [r for r in rows if "jit_cache_size" in r and r["impl"] == "jaxtp"]
@@ -493,7 +529,9 @@ def overhead_checks(rows: list[dict]) -> list[dict]:
 def summarise_train(rows: list[dict]) -> tuple[str, dict, str]:
     """The `overhead` summary: its JSON and a markdown table of PASS/MISS checks."""
     r = next((r for r in rows if "mfu" in r), None)
-    peak = r and dict(start=r["peak_start_flops_per_s"], end=r["peak_end_flops_per_s"], used=r["peak_flops_per_s"])
+    peak = r and dict(
+        start=r["peak_start_flops_per_s"], end=r["peak_end_flops_per_s"], used=r["peak_flops_per_s"]
+    )
     summary = dict(precision="f32", peak_flops_per_s=peak, checks=overhead_checks(rows))
     used = "-" if peak is None else f"{peak['start'] / 1e9:.1f} at start, {peak['end'] / 1e9:.1f} at end"
     text = f"### overhead (f32 rows; matmul peak {used} GFLOP/s, the larger used)\n\n" + markdown_table(
@@ -527,9 +565,12 @@ def plot_train(rows: list[dict], out: str) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(4.5 * len(models), 3.8), squeeze=False)
     for ax, name in zip(axes[0], models):
         mine = [r for r in timed if r["preset"] == name]
-        variants = list(dict.fromkeys(r["heads"] for r in mine))  # each variant's 1x1 bar first, then its meshes
+        variants = list(
+            dict.fromkeys(r["heads"] for r in mine)
+        )  # each variant's 1x1 bar first, then its meshes
         cells = sorted(
-            dict.fromkeys((r["heads"], r["mesh"]) for r in mine), key=lambda c: (variants.index(c[0]), c[1] != "1x1")
+            dict.fromkeys((r["heads"], r["mesh"]) for r in mine),
+            key=lambda c: (variants.index(c[0]), c[1] != "1x1"),
         )
         width = 0.8 / len(precisions)
         for i, precision in enumerate(precisions):
@@ -589,7 +630,9 @@ def bench_generation(args) -> list[dict]:
     rows = []
     for preset in args.presets:
         cfg = model_config(preset)
-        prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, args.prompt_len), dtype=np.int32)
+        prompt = np.random.default_rng(0).integers(
+            0, cfg.vocab_size, (args.batch, args.prompt_len), dtype=np.int32
+        )
         for spec in args.meshes:
             t0 = time.perf_counter()
             f32 = build(cfg, spec)  # built once per mesh; each precision is cast from it
@@ -635,7 +678,9 @@ def bench_generation(args) -> list[dict]:
                     decode_tok_s=decode,
                     decode_step_ms=step_ms,
                     params=cfg.param_count(),
-                    cache_bytes_per_device=cache_bytes_per_device(model, args.batch, args.prompt_len + args.new_tokens),
+                    cache_bytes_per_device=cache_bytes_per_device(
+                        model, args.batch, args.prompt_len + args.new_tokens
+                    ),
                 )
                 print(
                     f"  {preset} {spec} {precision}: prefill {prefill:,.0f} tok/s, decode {decode:,.0f} tok/s "
@@ -710,7 +755,9 @@ def main(argv=None) -> dict:
         section = SECTIONS[name]
         t = time.perf_counter()
         results[name] = section.run(args)
-        parts = [f"## {name} ({time.perf_counter() - t:.0f}s)\n\n" + markdown_table(results[name], section.columns)]
+        parts = [
+            f"## {name} ({time.perf_counter() - t:.0f}s)\n\n" + markdown_table(results[name], section.columns)
+        ]
         if section.summarise:
             key, results[key], text = section.summarise(results[name])
             parts.append(text)

@@ -129,7 +129,9 @@ def bench_kv_cache(args) -> list[dict]:
     for T in args.kv_cache_lens or KV_CACHE_LENS:
         cfg = jaxtp.ModelConfig.preset(args.attention_model)
         model = jaxtp.Transformer.create(cfg.replace(max_seq_len=max(cfg.max_seq_len, T)), mesh, seed=0)
-        prompt = np.random.default_rng(0).integers(0, cfg.vocab_size, (args.batch, T - KV_NEW_TOKENS), dtype=np.int32)
+        prompt = np.random.default_rng(0).integers(
+            0, cfg.vocab_size, (args.batch, T - KV_NEW_TOKENS), dtype=np.int32
+        )
         run = {
             d: (
                 lambda stats, d=d: jaxtp.generate(

@@ -29,7 +29,7 @@ high-water mark (/proc/self/clear_refs), loads, waits for every array, and repor
 Rows are measured round-robin (one run of each row per round, --repeats rounds) so that noise from other
 users of a shared machine hits every row alike; medians are quoted. Targets, each PASS or MISS: jaxtp's
 seconds <= transformers' at the same precision, jaxtp's peak growth <= 0.5 x transformers', the same two
-like for like (ready_s; transient GB), and jaxtp's ratio <= 1.15. (int8 reads the file twice: a pass for the per-channel scales, then one to quantise.)
+like for like (ready_s; transient GB), and jaxtp's ratio <= 1.15. (int8 reads the file twice: a pass for the per-channel scales, then one to quantize.)
 """
 
 from __future__ import annotations
@@ -49,7 +49,9 @@ import time
 
 import numpy as np
 
-SHAPE = dict(hidden_size=2048, num_attention_heads=16, num_key_value_heads=8, intermediate_size=5632, vocab_size=32000)
+SHAPE = dict(
+    hidden_size=2048, num_attention_heads=16, num_key_value_heads=8, intermediate_size=5632, vocab_size=32000
+)
 SMALL = dict(
     hidden_size=64,
     num_attention_heads=8,
@@ -59,7 +61,13 @@ SMALL = dict(
     num_hidden_layers=2,
 )
 SHARD_FILES = 3  # a sharded checkpoint with an index, as real uploads of this size come
-ROWS = [("jaxtp", "f32"), ("jaxtp", "bf16"), ("jaxtp", "int8"), ("transformers", "f32"), ("transformers", "bf16")]
+ROWS = [
+    ("jaxtp", "f32"),
+    ("jaxtp", "bf16"),
+    ("jaxtp", "int8"),
+    ("transformers", "f32"),
+    ("transformers", "bf16"),
+]
 RATIO_TARGET = 1.15
 COLUMNS = (
     "impl",
@@ -130,7 +138,9 @@ def write_checkpoint(directory: pathlib.Path, shape: dict, seed: int = 0) -> pat
         dtype="bfloat16",
         torch_dtype="bfloat16",
     )
-    (directory / "config.json").write_text(json.dumps(config, indent=1))  # by hand: importing transformers is slow
+    (directory / "config.json").write_text(
+        json.dumps(config, indent=1)
+    )  # by hand: importing transformers is slow
     shapes = tensor_shapes(shape)
     groups, size, limit = [[]], 0, sum(2 * math.prod(s) for s in shapes.values()) / SHARD_FILES
     for name, s in shapes.items():  # consecutive tensors up to `limit` bytes per file, like save_pretrained
@@ -343,8 +353,12 @@ def table(rows, checks) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size-gb", type=float, default=1.0, help="checkpoint size in bf16, 10^9 bytes (default 1)")
-    p.add_argument("--small", action="store_true", help="a tiny 2-layer checkpoint instead (seconds; for tests)")
+    p.add_argument(
+        "--size-gb", type=float, default=1.0, help="checkpoint size in bf16, 10^9 bytes (default 1)"
+    )
+    p.add_argument(
+        "--small", action="store_true", help="a tiny 2-layer checkpoint instead (seconds; for tests)"
+    )
     p.add_argument(
         "--workdir",
         default=os.path.join(tempfile.gettempdir(), "jaxtp-bench-load"),
@@ -352,7 +366,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--mesh", default="1x8", help="jaxtp mesh spec (data x model); that many fake CPU devices")
     p.add_argument("--repeats", type=int, default=3, help="runs per row, in round-robin rounds (default 3)")
-    p.add_argument("--rows", default=",".join(f"{i}:{p}" for i, p in ROWS), help="comma list of impl:precision")
+    p.add_argument(
+        "--rows", default=",".join(f"{i}:{p}" for i, p in ROWS), help="comma list of impl:precision"
+    )
     p.add_argument("--out", default="bench_load.json", help="JSON results (default bench_load.json)")
     p.add_argument("--child", help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -390,7 +406,11 @@ def main(argv=None) -> dict:
     print(table(results, checks))
     out = dict(
         checkpoint=dict(
-            name=name, shape=shape, params=params, file_bytes=file_bytes, files=len(list(ckpt.glob("*.safetensors")))
+            name=name,
+            shape=shape,
+            params=params,
+            file_bytes=file_bytes,
+            files=len(list(ckpt.glob("*.safetensors"))),
         ),
         mesh=args.mesh,
         repeats=args.repeats,

@@ -61,15 +61,27 @@ def parse_args(argv=None):
     )
     p.add_argument("--batch", type=int, help="train: global batch (default 2; --tiny 4)")
     p.add_argument("--seq-len", type=int, help="train: tokens per sequence (default 2048; --tiny 64)")
-    p.add_argument("--warmup", type=int, default=3, help="train: warm-up steps, the first included (default 3)")
+    p.add_argument(
+        "--warmup", type=int, default=3, help="train: warm-up steps, the first included (default 3)"
+    )
     p.add_argument("--steps", type=int, default=10, help="train: timed steps (default 10)")
     p.add_argument("--prompt-len", type=int, help="decode: prompt tokens (default 128; --tiny 16)")
     p.add_argument("--new-tokens", type=int, help="decode: generated tokens (default 256; --tiny 16)")
-    p.add_argument("--decode-repeats", type=int, default=3, help="decode: timed calls per precision (default 3)")
-    p.add_argument("--hardware", default="h200", help="datasheet peak for MFU, from jaxtp.HARDWARE (default h200)")
-    p.add_argument("--peak-n", type=int, help="measured bf16 matmul peak: n x n x n (default 8192; --tiny 256)")
-    p.add_argument("--long-seq-len", type=int, help="long context: tokens per sequence (default 8192; --tiny 256)")
-    p.add_argument("--long-steps", type=int, default=3, help="long context: timed steps per attention (default 3)")
+    p.add_argument(
+        "--decode-repeats", type=int, default=3, help="decode: timed calls per precision (default 3)"
+    )
+    p.add_argument(
+        "--hardware", default="h200", help="datasheet peak for MFU, from jaxtp.HARDWARE (default h200)"
+    )
+    p.add_argument(
+        "--peak-n", type=int, help="measured bf16 matmul peak: n x n x n (default 8192; --tiny 256)"
+    )
+    p.add_argument(
+        "--long-seq-len", type=int, help="long context: tokens per sequence (default 8192; --tiny 256)"
+    )
+    p.add_argument(
+        "--long-steps", type=int, default=3, help="long context: timed steps per attention (default 3)"
+    )
     p.add_argument("--kv-prompt-len", type=int, help="KV cache: prompt tokens (default 4096; --tiny 64)")
     p.add_argument("--out", help="JSON path (default: $OUT/gpu_check.json when $OUT is set, else none)")
     args = p.parse_args(argv)
@@ -82,7 +94,9 @@ def parse_args(argv=None):
     args.long_seq_len = args.long_seq_len or (256 if tiny else 8192)
     args.kv_prompt_len = args.kv_prompt_len or (32 if tiny else 4096)
     if jaxtp.HARDWARE.get(args.hardware) is None:
-        p.error(f"--hardware must be a datasheet preset: one of {sorted(k for k, v in jaxtp.HARDWARE.items() if v)}")
+        p.error(
+            f"--hardware must be a datasheet preset: one of {sorted(k for k, v in jaxtp.HARDWARE.items() if v)}"
+        )
     if args.warmup < 1 or args.steps < 1 or args.decode_repeats < 1:
         p.error("--warmup, --steps and --decode-repeats must be >= 1")
     if args.out is None and os.environ.get("OUT"):
@@ -121,7 +135,9 @@ def train_check(cfg, mesh, args) -> tuple[dict, object]:
         seq_len=S,
         tokens_per_step=B * S,
         params=cfg.param_count(),
-        predicted_memory_per_device=jaxtp.plan(cfg, mesh, batch_size=B, seq_len=S, hardware=hw).memory["total"],
+        predicted_memory_per_device=jaxtp.plan(cfg, mesh, batch_size=B, seq_len=S, hardware=hw).memory[
+            "total"
+        ],
     )
     measured_peak = matmul_peak_flops(args.peak_n, repeats=10, dtype=jnp.bfloat16)
     t = time.perf_counter()
@@ -245,15 +261,24 @@ def kv_cache_check(model, args) -> dict:
     bf16 = jaxtp.cast(model, "bf16")
     T = args.kv_prompt_len + args.new_tokens
     if T > bf16.cfg.max_seq_len:
-        raise ValueError(f"--kv-prompt-len + --new-tokens = {T} exceeds the model's max_seq_len {bf16.cfg.max_seq_len}")
-    prompt = np.random.default_rng(0).integers(0, bf16.cfg.vocab_size, (1, args.kv_prompt_len), dtype=np.int32)
+        raise ValueError(
+            f"--kv-prompt-len + --new-tokens = {T} exceeds the model's max_seq_len {bf16.cfg.max_seq_len}"
+        )
+    prompt = np.random.default_rng(0).integers(
+        0, bf16.cfg.vocab_size, (1, args.kv_prompt_len), dtype=np.int32
+    )
 
     def call(kv_cache_dtype) -> dict:
         stats = {}
-        jaxtp.generate(bf16, prompt, args.new_tokens, temperature=0.0, kv_cache_dtype=kv_cache_dtype, stats=stats)
+        jaxtp.generate(
+            bf16, prompt, args.new_tokens, temperature=0.0, kv_cache_dtype=kv_cache_dtype, stats=stats
+        )
         return stats
 
-    out = {d: dict(kv_bytes_per_device=cache_bytes_per_device(bf16, 1, T, kv_cache_dtype=d)) for d in KV_CACHE_DTYPES}
+    out = {
+        d: dict(kv_bytes_per_device=cache_bytes_per_device(bf16, 1, T, kv_cache_dtype=d))
+        for d in KV_CACHE_DTYPES
+    }
     for d in KV_CACHE_DTYPES:
         call(d)  # compiles prefill and the decode step
     runs = {d: [] for d in KV_CACHE_DTYPES}
@@ -351,7 +376,9 @@ def summary(results: dict) -> str:
             f"  {d}: {kv[d]['decode_tok_s']:,.0f} tok/s, KV {kv[d]['kv_bytes_per_device'] / GiB:.3g} GiB/device"
             for d in KV_CACHE_DTYPES
         ]
-        lines.append(f"  int8/bf16: {kv['int8_over_bf16_tok_s']:.2f}x tok/s, {kv['int8_over_bf16_bytes']:.3f}x bytes")
+        lines.append(
+            f"  int8/bf16: {kv['int8_over_bf16_tok_s']:.2f}x tok/s, {kv['int8_over_bf16_bytes']:.3f}x bytes"
+        )
     lines.append(f"total {results['total_s']:.0f} s")
     return "\n".join(lines)
 

@@ -110,7 +110,9 @@ class PlainTrainer:
         replicate = lambda x: (
             x if isinstance(x.sharding, NamedSharding) else jax.device_put(x, NamedSharding(mesh, P()))
         )
-        self.opt_state = jax.tree.map(replicate, jax.jit(self.tx.init)(self.params))  # step counters: replicated
+        self.opt_state = jax.tree.map(
+            replicate, jax.jit(self.tx.init)(self.params)
+        )  # step counters: replicated
         self.step = 0
 
         def step(params, opt_state, tokens_BS1):

@@ -96,7 +96,9 @@ def check_rows():
         c = tr.step_fn.lower(tr.params, tr.opt_state, tokens).compile()
         total = jaxtp.measure.memory_per_device(c)["total"]
         text = re.sub(
-            r"(replica_groups=mesh\[[^\]]*\])(\s*\{)", rf"\1, device_ids=([{mesh.devices.size}])\2", c.as_text()
+            r"(replica_groups=mesh\[[^\]]*\])(\s*\{)",
+            rf"\1, device_ids=([{mesh.devices.size}])\2",
+            c.as_text(),
         )  # see tests/test_plan.py::parse_collectives
         got = jaxtp.hlo.parse_collectives(text, mesh).summary()
         p = jaxtp.plan(cfg, spec, batch_size=8, seq_len=16, hardware="cpu")
@@ -184,7 +186,15 @@ def main(argv=None):
             "collectives (count / bytes per kind and mesh axis) parsed from the compiled HLO.",
             "",
             markdown(
-                ["preset", "mesh", "params B", "optimizer B", "total B", "collectives (plan)", "collectives (HLO)"],
+                [
+                    "preset",
+                    "mesh",
+                    "params B",
+                    "optimizer B",
+                    "total B",
+                    "collectives (plan)",
+                    "collectives (HLO)",
+                ],
                 crow,
             ),
         ]

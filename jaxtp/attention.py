@@ -94,7 +94,9 @@ def attend(
             functools.partial(attend, causal=causal, implementation=fallback, block=block),
         )
     if impl == "blockwise":
-        return attend_blockwise(q_BSNH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_valid_BT, causal, mask_BST, block)
+        return attend_blockwise(
+            q_BSNH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_valid_BT, causal, mask_BST, block
+        )
     return attend_xla(q_BSNH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_valid_BT, causal, mask_BST)
 
 
@@ -141,7 +143,9 @@ def grouped(q_BSNH, K: int):
 # ---------------------------------------------------------------------------------------------- xla
 
 
-def attend_xla(q_BSNH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_valid_BT=None, causal: bool = True, mask_BST=None):
+def attend_xla(
+    q_BSNH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_valid_BT=None, causal: bool = True, mask_BST=None
+):
     """All scores at once, masked with -1e30 (a row that sees nothing averages every value); softmax in f32."""
     B, S, N, H = q_BSNH.shape
     T = k_BTKH.shape[1]
@@ -183,7 +187,9 @@ def attend_cudnn(q_BSNH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, causal: bool, fallb
     if not causal:
         return cudnn(q_BSNH, k_BTKH, v_BTKH)
     ordered = jnp.all(q_pos_BS == k_pos_BT) & jnp.all(q_pos_BS[:, 1:] > q_pos_BS[:, :-1])
-    return jax.lax.cond(ordered, cudnn, lambda q, k, v: fallback(q, k, v, q_pos_BS, k_pos_BT), q_BSNH, k_BTKH, v_BTKH)
+    return jax.lax.cond(
+        ordered, cudnn, lambda q, k, v: fallback(q, k, v, q_pos_BS, k_pos_BT), q_BSNH, k_BTKH, v_BTKH
+    )
 
 
 # ---------------------------------------------------------------------------------------------- blockwise
@@ -239,7 +245,9 @@ class Tiles(NamedTuple):
         return take(self.q_BSKGH, 1, i, self.Q), take(self.q_pos_BS, 1, i, self.Q)
 
     def key_block(self, j):
-        return tuple(take(x, 1, j, self.T2) for x in (self.k_BTKH, self.v_BTKH, self.k_pos_BT, self.k_valid_BT))
+        return tuple(
+            take(x, 1, j, self.T2) for x in (self.k_BTKH, self.v_BTKH, self.k_pos_BT, self.k_valid_BT)
+        )
 
     def visible(self, i, q_pos_BQ, j, k_pos_BT2, k_valid_BT2):
         """[B, Q, T2] bool for query block i and key block j."""
@@ -247,7 +255,9 @@ class Tiles(NamedTuple):
         return visibility(q_pos_BQ, k_pos_BT2, k_valid_BT2, self.causal, mask)
 
 
-def tiles(causal: bool, block: int, q_BSKGH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_valid_BT, mask_BST) -> Tiles:
+def tiles(
+    causal: bool, block: int, q_BSKGH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_valid_BT, mask_BST
+) -> Tiles:
     S, T = q_BSKGH.shape[1], k_BTKH.shape[1]
     Q, T2 = min(block, S), min(block, T)
     Sp, Tp = -(-S // Q) * Q, -(-T // T2) * T2
@@ -330,7 +340,10 @@ def flash_forward(causal, block, q_BSKGH, k_BTKH, v_BTKH, q_pos_BS, k_pos_BT, k_
             p_BKGQT2 = jnp.exp(s_BKGQT2 - m_safe[..., None])
             alpha_BKGQ = jnp.exp(m_BKGQ - m_safe)
             pv_BKGQH = jnp.einsum(
-                "bkgqt,btkh->bkgqh", p_BKGQT2.astype(v_BT2KH.dtype), v_BT2KH, preferred_element_type=jnp.float32
+                "bkgqt,btkh->bkgqh",
+                p_BKGQT2.astype(v_BT2KH.dtype),
+                v_BT2KH,
+                preferred_element_type=jnp.float32,
             )
             return m_new, alpha_BKGQ * l_BKGQ + p_BKGQT2.sum(-1), alpha_BKGQ[..., None] * acc_BKGQH + pv_BKGQH
 
@@ -387,13 +400,22 @@ def flash_bwd(causal, block, residuals, cotangents):
             dp_BKGQT2 = jnp.einsum("bqkgh,btkh->bkgqt", do_BQKGH, v_BT2KH, preferred_element_type=jnp.float32)
             ds_BKGQT2 = p_BKGQT2 * (dp_BKGQT2 - take(d_BKGS, 3, i, t.Q)[..., None]) * scale
             dq_BQKGH = take(dq_BSKGH, 1, i, t.Q) + jnp.einsum(
-                "bkgqt,btkh->bqkgh", ds_BKGQT2.astype(k_BT2KH.dtype), k_BT2KH, preferred_element_type=jnp.float32
+                "bkgqt,btkh->bqkgh",
+                ds_BKGQT2.astype(k_BT2KH.dtype),
+                k_BT2KH,
+                preferred_element_type=jnp.float32,
             )
             dk_BT2KH = dk_BT2KH + jnp.einsum(
-                "bkgqt,bqkgh->btkh", ds_BKGQT2.astype(q_BQKGH.dtype), q_BQKGH, preferred_element_type=jnp.float32
+                "bkgqt,bqkgh->btkh",
+                ds_BKGQT2.astype(q_BQKGH.dtype),
+                q_BQKGH,
+                preferred_element_type=jnp.float32,
             )
             dv_BT2KH = dv_BT2KH + jnp.einsum(
-                "bkgqt,bqkgh->btkh", p_BKGQT2.astype(do_BQKGH.dtype), do_BQKGH, preferred_element_type=jnp.float32
+                "bkgqt,bqkgh->btkh",
+                p_BKGQT2.astype(do_BQKGH.dtype),
+                do_BQKGH,
+                preferred_element_type=jnp.float32,
             )
             return put(dq_BSKGH, 1, i, t.Q, dq_BQKGH), dk_BT2KH, dv_BT2KH
 

@@ -20,10 +20,19 @@ from flax import nnx
 from .build import abstract_sharded
 from .config import ModelConfig
 from .model import Transformer
-from .quant import QUANTISED, converting, precision_of
+from .quant import QUANTIZED, converting, precision_of
 from .sharding import Layout
 
-__all__ = ["FORMAT", "TRAIN_FORMAT", "model_meta", "abstract_for", "save", "read_meta", "load", "TrainCheckpoints"]
+__all__ = [
+    "FORMAT",
+    "TRAIN_FORMAT",
+    "model_meta",
+    "abstract_for",
+    "save",
+    "read_meta",
+    "load",
+    "TrainCheckpoints",
+]
 
 FORMAT = "jaxtp-model/1"
 TRAIN_FORMAT = "jaxtp-train/1"
@@ -37,17 +46,23 @@ def _abstract(tree):
 def model_meta(model) -> dict:
     """The config travels for a Transformer; a module of the user's own is rebuilt by `load(..., build=)`."""
     config = dataclasses.asdict(model.cfg) if isinstance(model, Transformer) else None
-    return {"format": FORMAT, "config": config, "precision": precision_of(model), "module": type(model).__name__}
+    return {
+        "format": FORMAT,
+        "config": config,
+        "precision": precision_of(model),
+        "module": type(model).__name__,
+    }
 
 
 def abstract_for(meta: dict, mesh, rules=None) -> nnx.Module:
     """An abstract model of the checkpoint's config and precision, sharded for `mesh`."""
     cfg = ModelConfig(
-        **{k: v for k, v in meta["config"].items() if k != "head_dim"}, head_dim=meta["config"].get("head_dim")
+        **{k: v for k, v in meta["config"].items() if k != "head_dim"},
+        head_dim=meta["config"].get("head_dim"),
     )
     layout = Layout.create(cfg, mesh, rules)
     # float precisions live in the config's dtypes; only the int8 storage needs the cast
-    precision = meta["precision"] if meta["precision"] in QUANTISED else "f32"
+    precision = meta["precision"] if meta["precision"] in QUANTIZED else "f32"
     build = converting(lambda rngs: Transformer(cfg, layout=layout, rngs=rngs), precision)
     return abstract_sharded(build, mesh, layout)
 
@@ -87,7 +102,9 @@ def read_meta(path, expect: str = FORMAT) -> dict:
 def _restore(path, target_state: dict, what: str) -> dict:
     try:
         with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
-            return ckptr.restore(path, ocp.args.Composite(state=ocp.args.StandardRestore(target_state)))["state"]
+            return ckptr.restore(path, ocp.args.Composite(state=ocp.args.StandardRestore(target_state)))[
+                "state"
+            ]
     except Exception as e:  # orbax/tensorstore raise many types; the user needs one line
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise ValueError(

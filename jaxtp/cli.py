@@ -22,6 +22,7 @@ import pathlib
 import sys
 import time
 
+import jax
 import numpy as np
 
 import jaxtp  # jax is imported, but its backends start only when first used: fake devices can still be set
@@ -29,9 +30,14 @@ from jaxtp.distributed import ENV, initialize, launch_local, supervise
 from jaxtp.errors import UserError, user_input
 from jaxtp.hf import CheckpointError
 from jaxtp.mesh import parse_mesh_spec
+from jaxtp.quant import PRECISIONS
 
 USER_ERRORS = (UserError, CheckpointError)  # printed as one line, exit status 2
-CHILD = ["-m", "jaxtp", "run"]  # how --processes and --coordinator start this job's workers: `python -m jaxtp run`
+CHILD = [
+    "-m",
+    "jaxtp",
+    "run",
+]  # how --processes and --coordinator start this job's workers: `python -m jaxtp run`
 FAKE_CPU_DEVICES = 8
 
 RUN_DOC = """The main job: train a small tensor-parallel LM on a CPU mesh and report what a TP engineer wants.
@@ -85,7 +91,9 @@ def main(argv=None) -> int:
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:], prog=f"jaxtp {argv[0]}")
     p = argparse.ArgumentParser(
-        prog="jaxtp", description=__doc__.split("\n\n")[0], epilog="`jaxtp COMMAND --help` lists a command's flags."
+        prog="jaxtp",
+        description=__doc__.split("\n\n")[0],
+        epilog="`jaxtp COMMAND --help` lists a command's flags.",
     )
     p.add_argument(
         "command",
@@ -108,7 +116,9 @@ def one_line_errors(fn, args) -> int:
     except USER_ERRORS as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # stdout closed early (`jaxtp plan ... | head`): stop quietly (Python's docs' recipe)
+    except (
+        BrokenPipeError
+    ):  # stdout closed early (`jaxtp plan ... | head`): stop quietly (Python's docs' recipe)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
 
@@ -138,9 +148,15 @@ def _env_int(name):
 
 
 def parse_run_args(argv=None, prog=None):
-    p = argparse.ArgumentParser(prog=prog, description=RUN_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mesh", default="2x4", help="mesh spec: DATAxMODEL such as 2x4, or data=2,model=4 (default 2x4)")
-    p.add_argument("--model", default="small", help=f"model preset, one of {sorted(jaxtp.PRESETS)} (default small)")
+    p = argparse.ArgumentParser(
+        prog=prog, description=RUN_DOC, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--mesh", default="2x4", help="mesh spec: DATAxMODEL such as 2x4, or data=2,model=4 (default 2x4)"
+    )
+    p.add_argument(
+        "--model", default="small", help=f"model preset, one of {sorted(jaxtp.PRESETS)} (default small)"
+    )
     p.add_argument(
         "--hf",
         default=None,
@@ -164,7 +180,9 @@ def parse_run_args(argv=None, prog=None):
         help="tokens (bytes) per sequence (default: tuned per preset, else its max; --hf: 256 or its max); "
         "longer than a preset's max_seq_len extends its context",
     )
-    p.add_argument("--lr", type=float, default=None, help="peak learning rate of AdamW (default: tuned per preset)")
+    p.add_argument(
+        "--lr", type=float, default=None, help="peak learning rate of AdamW (default: tuned per preset)"
+    )
     p.add_argument(
         "--rules",
         default="megatron",
@@ -293,9 +311,10 @@ def setup_devices(mesh_spec: str, coordinator=None, num_processes=None, process_
         with user_input(ValueError, RuntimeError):  # a bad address or id, or peers that never came
             initialize(coordinator, num_processes, process_id, local_devices=need // num_processes)
     elif "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
-        with user_input(RuntimeError):  # JAX already started with other devices (in-process callers): says the fix
+        with user_input(
+            RuntimeError
+        ):  # JAX already started with other devices (in-process callers): says the fix
             jaxtp.use_cpu_devices(FAKE_CPU_DEVICES)  # affects only the CPU backend
-    import jax
 
     devices = jax.devices()
     if len(devices) < need and not coordinator:
@@ -322,7 +341,9 @@ def model_config(args):
     """The config of --hf's config.json (no weights read) or of the --model preset, and its default
     (steps, lr, seq_len)."""
     if args.hf:
-        cfg = jaxtp.hf.config(args.hf, scan_layers=args.scan_layers, remat=args.remat, compute_dtype=args.compute_dtype)
+        cfg = jaxtp.hf.config(
+            args.hf, scan_layers=args.scan_layers, remat=args.remat, compute_dtype=args.compute_dtype
+        )
         return cfg, HF_DEFAULTS[:2] + (min(HF_DEFAULTS[2], cfg.max_seq_len),)
     if args.model not in jaxtp.PRESETS:
         fail(f"unknown --model {args.model!r}; choose one of {sorted(jaxtp.PRESETS)}")
@@ -382,7 +403,9 @@ def run(args) -> int:
         return plan(args, cfg, default_seq)
     cfg = cfg.replace(compute_dtype=args.compute_dtype)
     seq_len = args.seq_len or default_seq or cfg.max_seq_len
-    if not args.hf and seq_len > cfg.max_seq_len:  # a preset's context grows with --seq-len: RoPE learns no length
+    if (
+        not args.hf and seq_len > cfg.max_seq_len
+    ):  # a preset's context grows with --seq-len: RoPE learns no length
         cfg = cfg.replace(max_seq_len=seq_len)
     if seq_len < 1 or seq_len > cfg.max_seq_len:
         fail(
@@ -399,11 +422,12 @@ def run(args) -> int:
     out = pathlib.Path(args.out or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}")
     check_rules(args)
     mesh = setup_devices(args.mesh, args.coordinator, args.num_processes, args.process_id)
-    import jax
 
     if jax.process_index() != 0:  # one report: process 0 prints and writes, the others only compute
         sys.stdout = open(os.devnull, "w")
-    with user_input(ValueError):  # a batch the data axis does not divide; heads, d_ff, ... the model axis does not
+    with user_input(
+        ValueError
+    ):  # a batch the data axis does not divide; heads, d_ff, ... the model axis does not
         jaxtp.data.check_batch(args.batch_size, mesh)
         jaxtp.resolve_rules(cfg, mesh, args.rules)
     corpus, tokenizer = load_corpus(args, cfg, seq_len)
@@ -436,13 +460,17 @@ def run(args) -> int:
 
 
 def parse_plan_args(argv=None, prog=None):
-    p = argparse.ArgumentParser(prog=prog, description=PLAN_DOC, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog=prog, description=PLAN_DOC, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument(
         "--mesh",
         default="2x4",
         help="mesh spec: DATAxMODEL such as 8x8, or data=8,model=8; no devices are needed (default 2x4)",
     )
-    p.add_argument("--model", default="small", help=f"model preset, one of {sorted(jaxtp.PRESETS)} (default small)")
+    p.add_argument(
+        "--model", default="small", help=f"model preset, one of {sorted(jaxtp.PRESETS)} (default small)"
+    )
     p.add_argument(
         "--hf",
         default=None,
@@ -504,7 +532,12 @@ def plan(args, cfg, default_seq) -> int:
     print(
         format_plan(
             jaxtp.plan(
-                cfg, args.mesh, batch_size=args.batch_size, seq_len=seq_len, hardware=args.hardware, rules=args.rules
+                cfg,
+                args.mesh,
+                batch_size=args.batch_size,
+                seq_len=seq_len,
+                hardware=args.hardware,
+                rules=args.rules,
             )
         )
     )
@@ -515,7 +548,6 @@ def plan(args, cfg, default_seq) -> int:
 
 
 def parse_generate_args(argv=None, prog=None):
-    from jaxtp.quant import PRECISIONS
 
     p = argparse.ArgumentParser(
         prog=prog, description=GENERATE_DOC, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -529,9 +561,13 @@ def parse_generate_args(argv=None, prog=None):
     )
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument(
-        "--chat", action="store_true", help="send the prompt as one user message through the checkpoint's chat template"
+        "--chat",
+        action="store_true",
+        help="send the prompt as one user message through the checkpoint's chat template",
     )
-    p.add_argument("--mesh", default="1x8", help="mesh spec: DATAxMODEL such as 1x8, or data=1,model=8 (default 1x8)")
+    p.add_argument(
+        "--mesh", default="1x8", help="mesh spec: DATAxMODEL such as 1x8, or data=1,model=8 (default 1x8)"
+    )
     p.add_argument("--precision", default="f32", choices=PRECISIONS, help="weights as loaded (default f32)")
     p.add_argument(
         "--max-new-tokens",
@@ -540,7 +576,9 @@ def parse_generate_args(argv=None, prog=None):
         help="tokens to generate at most; capped by the room the context leaves after the prompt (default 128)",
     )
     p.add_argument("--temperature", type=float, default=0.7, help="0 is greedy (default 0.7)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default off)")
+    p.add_argument(
+        "--top-k", type=int, default=None, help="sample among the k most likely tokens (default off)"
+    )
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling threshold (default off)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument(
@@ -566,7 +604,9 @@ def generate_main(argv=None, prog=None) -> int:
 
 def prompt_ids(tok, prompt: str, chat: bool) -> list[int]:
     if chat:
-        return tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+        return tok.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True
+        )
     return tok.encode(prompt)
 
 
@@ -599,14 +639,18 @@ def generate(args) -> int:
         )
     new = min(args.max_new_tokens, cfg.max_seq_len - len(ids))
     mesh = setup_devices(args.mesh)
-    with user_input(ValueError):  # heads, kv heads, d_ff or vocab that the mesh cannot split: names meshes that work
+    with user_input(
+        ValueError
+    ):  # heads, kv heads, d_ff or vocab that the mesh cannot split: names meshes that work
         jaxtp.resolve_rules(cfg, mesh)
     t = time.perf_counter()
     model = jaxtp.hf.load(args.hf, mesh, precision=args.precision, max_seq_len=args.max_seq_len)
     load_s = time.perf_counter() - t
     cache_len = len(ids) + new
     t = time.perf_counter()
-    sample(model, tok, ids, min(2, new), args, cache_len, lambda text: None)  # compiles what the real run uses
+    sample(
+        model, tok, ids, min(2, new), args, cache_len, lambda text: None
+    )  # compiles what the real run uses
     warm_s = time.perf_counter() - t
     print(
         f"{args.hf}: {cfg.n_layers} layers, d_model {cfg.d_model}, vocab {cfg.vocab_size}, as {args.precision} on "
@@ -625,7 +669,9 @@ def generate(args) -> int:
         sys.stdout.flush()
 
     tokens, stats = sample(model, tok, ids, new, args, cache_len, write)
-    batch = stats["batch"] + -stats["batch"] % mesh.shape.get("data", 1)  # generate pads rows to the data axis
+    batch = stats["batch"] + -stats["batch"] % mesh.shape.get(
+        "data", 1
+    )  # generate pads rows to the data axis
     print(
         f"\n{RULE}\nprefill: {stats['prefill_tokens']} tokens in {stats['prefill_s']:.3f} s = "
         f"{stats['prefill_tokens'] / stats['prefill_s']:,.1f} tokens/s"

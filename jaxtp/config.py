@@ -105,7 +105,9 @@ class ModelConfig:
         to_dtype(self.param_dtype)
         to_dtype(self.compute_dtype)
         if self.remat not in REMAT_CHOICES:
-            raise ValueError(f"ModelConfig.remat must be one of {', '.join(REMAT_CHOICES)}; got {self.remat!r}")
+            raise ValueError(
+                f"ModelConfig.remat must be one of {', '.join(REMAT_CHOICES)}; got {self.remat!r}"
+            )
         if self.attention not in ATTENTION_CHOICES:
             raise ValueError(
                 f"ModelConfig.attention must be one of {', '.join(ATTENTION_CHOICES)}; got {self.attention!r}"
@@ -179,9 +181,13 @@ def normalise_rope_scaling(scaling) -> tuple | None:
 
 PRESETS: dict[str, ModelConfig] = {
     # Tests: 8 heads and d_ff 128 divide every model axis up to 8; 4 kv heads < 8 exercises kv replication on 1x8.
-    "tiny": ModelConfig(vocab_size=256, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4, d_ff=128, max_seq_len=64),
+    "tiny": ModelConfig(
+        vocab_size=256, d_model=64, n_layers=2, n_heads=8, n_kv_heads=4, d_ff=128, max_seq_len=64
+    ),
     # run.py default: ~0.8M params, trains to < 2 nats/byte in about two minutes on 2 CPU cores.
-    "small": ModelConfig(vocab_size=256, d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=384, max_seq_len=128),
+    "small": ModelConfig(
+        vocab_size=256, d_model=128, n_layers=4, n_heads=4, n_kv_heads=4, d_ff=384, max_seq_len=128
+    ),
     # Planning shapes: never allocated on CPU.
     "gpt2-124m": ModelConfig(
         vocab_size=50304,

@@ -59,7 +59,9 @@ class Corpus:
     train: np.ndarray  # uint8 bytes, or int32 token ids
     heldout: np.ndarray  # uint8 bytes, or int32 token ids
     entropy_floor: float | None = None  # nats/byte, known only for the synthetic corpus
-    heldout_token_bytes: np.ndarray | None = None  # UTF-8 bytes each held-out token covers; None: tokens are bytes
+    heldout_token_bytes: np.ndarray | None = (
+        None  # UTF-8 bytes each held-out token covers; None: tokens are bytes
+    )
 
     def describe(self) -> str:
         if self.heldout_token_bytes is not None:
@@ -100,7 +102,9 @@ def _pystdlib(max_bytes: int) -> Corpus:
 def _text_file(path: str) -> Corpus:
     p = pathlib.Path(path)
     if not p.is_file():
-        raise ValueError(f"data file {path!r} does not exist; pass --data pystdlib, synthetic or a UTF-8 text file")
+        raise ValueError(
+            f"data file {path!r} does not exist; pass --data pystdlib, synthetic or a UTF-8 text file"
+        )
     raw = p.read_bytes()
     if not raw.strip():
         raise ValueError(f"data file {path!r} is empty; give a UTF-8 text file with some content")
@@ -121,7 +125,9 @@ def _text_file(path: str) -> Corpus:
 def tokenize(corpus: Corpus, tokenizer) -> Corpus:
     """`corpus` as token ids of `tokenizer` (a jaxtp.hf.Tokenizer): each split is encoded as one text, without
     special tokens; the held-out tokens keep the bytes they cover (for bits/byte)."""
-    train_text, heldout_text = (bytes(split).decode("utf-8", "replace") for split in (corpus.train, corpus.heldout))
+    train_text, heldout_text = (
+        bytes(split).decode("utf-8", "replace") for split in (corpus.train, corpus.heldout)
+    )
     train = np.asarray(tokenizer.encode(train_text, add_special_tokens=False), np.int32)
     heldout, token_bytes = _ids_and_bytes(tokenizer, heldout_text)
     return Corpus(corpus.name, train, heldout, heldout_token_bytes=token_bytes)
@@ -138,7 +144,9 @@ def _ids_and_bytes(tokenizer, text: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(ids, np.int32), np.diff(char_start_C1[ends_T], prepend=0)
 
 
-def synthetic_markov(seed: int = 0, n_symbols: int = 16, n_bytes: int = 600_000, alpha: float = 0.3) -> Corpus:
+def synthetic_markov(
+    seed: int = 0, n_symbols: int = 16, n_bytes: int = 600_000, alpha: float = 0.3
+) -> Corpus:
     """A random order-1 Markov chain over `n_symbols` letters with a known entropy rate (nats/byte).
 
     Transition rows are drawn from Dirichlet(alpha); the entropy rate is sum_i pi_i H(row_i) with pi the

@@ -40,7 +40,11 @@ INIT_TIMEOUT_S = int(os.environ.get("JAXTP_INIT_TIMEOUT", "60"))  # seconds to w
 HEARTBEAT_TIMEOUT_S = int(
     os.environ.get("JAXTP_HEARTBEAT_TIMEOUT", "15")
 )  # seconds before a silent peer counts as dead
-ENV = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES", "process_id": "JAX_PROCESS_ID"}
+ENV = {
+    "coordinator": "JAX_COORDINATOR_ADDRESS",
+    "num_processes": "JAX_NUM_PROCESSES",
+    "process_id": "JAX_PROCESS_ID",
+}
 
 
 def initialize(
@@ -52,7 +56,9 @@ def initialize(
 ) -> None:
     """Join a multi-process run (before any JAX operation). Raises RuntimeError in one line on failure."""
     if not (0 <= process_id < num_processes):
-        raise ValueError(f"process id {process_id} is outside 0..{num_processes - 1} (--num-processes {num_processes})")
+        raise ValueError(
+            f"process id {process_id} is outside 0..{num_processes - 1} (--num-processes {num_processes})"
+        )
     host, _, port = coordinator.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"coordinator address {coordinator!r} must look like HOST:PORT, e.g. 10.0.0.1:1234")

@@ -137,7 +137,9 @@ def _mode(temperature, top_k, top_p):
     return (temperature == 0, top_k is not None, top_p is not None)
 
 
-def sample_logits(logits_BV, key, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
+def sample_logits(
+    logits_BV, key, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None
+):
     """Sample one token id per row from `logits_BV` [B, V] (temperature, then top-k, then top-p)."""
     check_sampling(temperature, top_k, top_p)
     return _sample_jit(
@@ -162,9 +164,13 @@ def check_sampling(temperature, top_k, top_p):
         or temperature < 0
     ):
         raise ValueError(f"temperature must be a finite number >= 0 (0 means greedy), got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1):
+    if top_k is not None and (
+        isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 1
+    ):
         raise ValueError(f"top_k must be an integer >= 1 (or None to disable), got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1):
+    if top_p is not None and (
+        isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1
+    ):
         raise ValueError(f"top_p must be in (0, 1] (or None to disable), got {top_p!r}")
 
 
@@ -303,7 +309,9 @@ def _rows_whole(logits_BV, layout, mode):
 def first_token(logits_BV, key, temperature, top_k, top_p, eos_id, mode, layout):
     """The token sampled from prefill's logits (step 0) and whether it is an eos, per row; jitted."""
     TRACES["first_token"] += 1
-    next_B = _sample(_rows_whole(logits_BV, layout, mode), jax.random.fold_in(key, 0), temperature, top_k, top_p, mode)
+    next_B = _sample(
+        _rows_whole(logits_BV, layout, mode), jax.random.fold_in(key, 0), temperature, top_k, top_p, mode
+    )
     return _rows(next_B, layout), _rows(_is_eos(next_B, eos_id), layout)
 
 
@@ -341,7 +349,9 @@ def _prompt(prompt_tokens_BS, prompt_lengths, vocab_size: int):
     """The prompt [B, S] cut to its longest row, and each row's length [B]; one-line ValueErrors."""
     tokens_BS = np.asarray(prompt_tokens_BS)
     if tokens_BS.ndim != 2:
-        raise ValueError(f"prompt_tokens_BS must be a [batch, seq] array of token ids, got shape {tokens_BS.shape}")
+        raise ValueError(
+            f"prompt_tokens_BS must be a [batch, seq] array of token ids, got shape {tokens_BS.shape}"
+        )
     if tokens_BS.size == 0:
         raise ValueError(f"empty prompt (shape {tokens_BS.shape}): give at least one token per row")
     if not np.issubdtype(tokens_BS.dtype, np.integer):
@@ -357,7 +367,9 @@ def _prompt(prompt_tokens_BS, prompt_lengths, vocab_size: int):
         )
     if length_B.max() > S:
         raise ValueError(f"prompt_lengths max {int(length_B.max())} exceeds the prompt width S={S}")
-    tokens_BS = tokens_BS[:, : int(length_B.max())]  # columns beyond every row's prompt are padding nobody reads
+    tokens_BS = tokens_BS[
+        :, : int(length_B.max())
+    ]  # columns beyond every row's prompt are padding nobody reads
     real_BS = np.arange(tokens_BS.shape[1])[None, :] < length_B[:, None]
     if np.any(real_BS & ((tokens_BS < 0) | (tokens_BS >= vocab_size))):
         raise ValueError(
@@ -394,7 +406,9 @@ def _cache_length(S: int, max_new_tokens: int, cache_len, max_seq_len: int) -> i
 
 def _eos_ids(eos_id, vocab_size: int) -> list[int]:
     eos_ids = [] if eos_id is None else [eos_id] if isinstance(eos_id, numbers.Integral) else list(eos_id)
-    if any(isinstance(e, bool) or not isinstance(e, numbers.Integral) or not 0 <= e < vocab_size for e in eos_ids):
+    if any(
+        isinstance(e, bool) or not isinstance(e, numbers.Integral) or not 0 <= e < vocab_size for e in eos_ids
+    ):
         raise ValueError(f"eos_id must be an id or a list of ids in [0, {vocab_size}), got {eos_id!r}")
     return eos_ids
 
@@ -409,7 +423,9 @@ def _prepare(model, prompt_tokens_BS, max_new_tokens, sampling, eos_id, prompt_l
     eos_ids = _eos_ids(eos_id, cfg.vocab_size)
     aligned_BS, offset_B = _right_aligned(tokens_BS, length_B)
     B = len(aligned_BS)
-    pad = -B % (1 if model.layout is None else model.layout.split_of("batch"))  # copies of row 0, trimmed later
+    pad = -B % (
+        1 if model.layout is None else model.layout.split_of("batch")
+    )  # copies of row 0, trimmed later
     aligned_BS, offset_B = (np.concatenate([x, np.repeat(x[:1], pad, 0)]) for x in (aligned_BS, offset_B))
     return _Batch(aligned_BS, offset_B, int(length_B.sum()), B, T, eos_ids)
 
@@ -440,7 +456,12 @@ class _Decoder:
     def first(self, tokens_BS, T: int, cache_dtype):
         """Prefill and sample token 0: (caches, token [B], done [B], logits [B, V])."""
         caches, logits_BV = prefill(
-            self.graphdef, self.state, _place(tokens_BS, TOKENS, self.layout), self.offset_B, T, cache_dtype=cache_dtype
+            self.graphdef,
+            self.state,
+            _place(tokens_BS, TOKENS, self.layout),
+            self.offset_B,
+            T,
+            cache_dtype=cache_dtype,
         )
         return (caches, *first_token(logits_BV, self.key, *self.args, self.mode, self.layout), logits_BV)
 
@@ -555,7 +576,9 @@ def forced_logits(
             f"token ids must lie in [0, {model.cfg.vocab_size}); got values in [{tokens_BS.min()}, {tokens_BS.max()}]"
         )
     greedy = (0.0, None, None)  # the step's sample is discarded; its logits are what is measured
-    batch = _prepare(model, tokens_BS[:, :prompt_len], tokens_BS.shape[1] - prompt_len, greedy, None, None, None)
+    batch = _prepare(
+        model, tokens_BS[:, :prompt_len], tokens_BS.shape[1] - prompt_len, greedy, None, None, None
+    )
     cache_dtype, block = _cache_settings(model, kv_cache_dtype, kv_block)
     forced_BS = np.concatenate([tokens_BS, np.repeat(tokens_BS[:1], len(batch.tokens_BS) - batch.B, 0)])
     decoder = _Decoder(model, batch, greedy, seed=0)
@@ -607,7 +630,10 @@ def kv_cache_quality(
         kv_block=kv_block,
     ).argmax(axis=-1)
     nll = {
-        d: _nll(forced_logits(model, tokens, prompt_len, kv_cache_dtype=d, kv_block=kv_block), tokens[:, prompt_len:])
+        d: _nll(
+            forced_logits(model, tokens, prompt_len, kv_cache_dtype=d, kv_block=kv_block),
+            tokens[:, prompt_len:],
+        )
         for d in (reference, kv_cache_dtype)
     }
     return {

@@ -9,10 +9,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import time as _time
 
 import jax
 import jax.numpy as jnp
+
+from .measure import matmul_peak_flops, median_seconds
 
 __all__ = ["GiB", "Hardware", "HARDWARE", "measure_cpu", "get_hardware"]
 
@@ -83,7 +84,14 @@ HARDWARE: dict[str, Hardware | None] = {
     # 6.4 Tb/s per pod (25 Gb/s = 3.1 GB/s per chip). Scaling book: ICI 4.5e10 B/s one way per link,
     # so a bidirectional ring along one torus axis moves 9e10 B/s per chip.
     "tpu-v5e": Hardware(
-        "tpu-v5e", 197e12, 819e9, 16e9, 9e10, 256, 3.125e9, source="cloud.google.com/tpu/docs/v5e; jax-ml scaling book"
+        "tpu-v5e",
+        197e12,
+        819e9,
+        16e9,
+        9e10,
+        256,
+        3.125e9,
+        source="cloud.google.com/tpu/docs/v5e; jax-ml scaling book",
     ),
     # Cloud TPU v5p docs: 459 TFLOP/s BF16, 95 GiB HBM at 2,765 GB/s, 8,960-chip pod (3D torus), ICI
     # 1,200 GB/s bidirectional per chip, DCN 50 Gb/s per chip. jax-ml scaling book: W = 1.8e11 B/s
@@ -106,24 +114,12 @@ HARDWARE: dict[str, Hardware | None] = {
 
 @functools.lru_cache(maxsize=1)
 def measure_cpu(n: int = 1024, copy_mib: int = 64) -> Hardware:
-    """Time an f32 n x n matmul and a large copy on the first CPU device (best of a few runs)."""
+    """Time an f32 n x n matmul and a large copy on the first CPU device (medians of a few runs: on shared
+    cores the median is the rate a step actually sees; jaxtp.measure times everything that way)."""
     dev = jax.devices("cpu")[0]
-    a = jax.device_put(jnp.ones((n, n), jnp.float32), dev)
-    mm = jax.jit(lambda x: x @ x)
+    flops = matmul_peak_flops(n, device=dev)
     x = jax.device_put(jnp.ones((copy_mib * 2**18,), jnp.float32), dev)
-    cp = jax.jit(lambda y: y + 1.0)
-    mm(a).block_until_ready(), cp(x).block_until_ready()
-
-    def best(f, arg, reps=5):
-        times = []
-        for _ in range(reps):
-            t = _time.perf_counter()
-            f(arg).block_until_ready()
-            times.append(_time.perf_counter() - t)
-        return min(times)
-
-    flops = 2 * n**3 / best(mm, a)
-    bw = 2 * x.nbytes / best(cp, x)  # read + write
+    bw = 2 * x.nbytes / median_seconds(jax.jit(lambda y: y + 1.0), x)  # read + write
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # host RAM, shared by fake devices
     except (ValueError, OSError, AttributeError):
@@ -149,5 +145,7 @@ def get_hardware(hw: str | Hardware) -> Hardware:
     if isinstance(hw, Hardware):
         return hw
     if hw not in HARDWARE:
-        raise ValueError(f"unknown hardware {hw!r}; choose one of {sorted(HARDWARE)} or pass a jaxtp.hardware.Hardware")
+        raise ValueError(
+            f"unknown hardware {hw!r}; choose one of {sorted(HARDWARE)} or pass a jaxtp.hardware.Hardware"
+        )
     return measure_cpu() if hw == "cpu" else HARDWARE[hw]

@@ -24,7 +24,9 @@ __all__ = [
 ]
 
 KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-_OP = re.compile(r"=\s*(?P<shape>\(.*?\)|[a-z0-9]+\[[^\]]*\][^ ]*)\s+(?P<kind>" + "|".join(KINDS) + r")(?:-start)?\(")
+_OP = re.compile(
+    r"=\s*(?P<shape>\(.*?\)|[a-z0-9]+\[[^\]]*\][^ ]*)\s+(?P<kind>" + "|".join(KINDS) + r")(?:-start)?\("
+)
 _SHAPE = re.compile(r"([a-z]+[0-9]*)\[([0-9,]*)\]")
 _BYTES = {
     "pred": 1,
@@ -56,11 +58,15 @@ class Collectives:
     ops: list[Collective]
 
     def count(self, kind: str | None = None, axes: str | None = None) -> int:
-        return sum(1 for op in self.ops if (kind is None or op.kind == kind) and (axes is None or op.axes == axes))
+        return sum(
+            1 for op in self.ops if (kind is None or op.kind == kind) and (axes is None or op.axes == axes)
+        )
 
     def bytes(self, kind: str | None = None, axes: str | None = None) -> int:
         return sum(
-            op.bytes for op in self.ops if (kind is None or op.kind == kind) and (axes is None or op.axes == axes)
+            op.bytes
+            for op in self.ops
+            if (kind is None or op.kind == kind) and (axes is None or op.axes == axes)
         )
 
     def summary(self) -> dict[str, dict[str, int]]:
@@ -100,7 +106,9 @@ def _iota(text: str, n: int) -> np.ndarray:
 def _groups(line: str, n_devices: int) -> list[list[int]]:
     m = re.search(r"replica_groups=\{(\{[0-9,{} ]*\})\}", line)
     if m:
-        return [[int(x) for x in g.split(",") if x.strip()] for g in re.findall(r"\{([0-9, ]*)\}", m.group(1))]
+        return [
+            [int(x) for x in g.split(",") if x.strip()] for g in re.findall(r"\{([0-9, ]*)\}", m.group(1))
+        ]
     m = re.search(r"replica_groups=\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?", line)
     if m:
         shape = [int(x) for x in m.group(1).split(",")]

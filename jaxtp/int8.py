@@ -1,7 +1,7 @@
-"""int8 kernels: symmetric absmax quantisation and the matmuls and lookups that read int8 weights.
+"""int8 kernels: symmetric absmax quantization and the matmuls and lookups that read int8 weights.
 
-The layers (`jaxtp.layers.Linear`, `Embed`) own their quantised state and call these; `jaxtp.quant.cast`
-asks them to convert. Quantised arrays live in `Int8Weight` / `Int8Scale` (not `nnx.Param`), so
+The layers (`jaxtp.layers.Linear`, `Embed`) own their quantized state and call these; `jaxtp.quant.cast`
+asks them to convert. Quantized arrays live in `Int8Weight` / `Int8Scale` (not `nnx.Param`), so
 gradients and optimizers skip them.
 
 Per-output-channel symmetric absmax (after Qwix/AQT, written small): a kernel whose leading `contract`
@@ -27,7 +27,7 @@ __all__ = [
     "MODES",
     "QMAX",
     "SCALE_FLOOR",
-    "Quantised",
+    "Quantized",
     "Int8Weight",
     "Int8Scale",
     "quantize",
@@ -44,15 +44,15 @@ QMAX = 127
 SCALE_FLOOR = 1e-30  # an all-zero channel gets this scale (and zeros), never 0/0
 
 
-class Quantised(nnx.Variable):
+class Quantized(nnx.Variable):
     """Base of the int8 storage variables; not an `nnx.Param`, so grads and optimizers skip it."""
 
 
-class Int8Weight(Quantised):
+class Int8Weight(Quantized):
     """int8 kernel (or embedding table), same shape and logical names as the float weight."""
 
 
-class Int8Scale(Quantised):
+class Int8Scale(Quantized):
     """float32 per-output-channel scale: the weight's shape with contracted axes reduced to 1."""
 
 
@@ -105,7 +105,7 @@ def _squeeze_contracted(scale, rhs: str, contracted):
 
 
 def int8_einsum(equation: str, x, q, scale, compute_dtype):
-    """Weight-only int8: dequantise q to the compute dtype for the einsum, scale the result per channel."""
+    """Weight-only int8: dequantize q to the compute dtype for the einsum, scale the result per channel."""
     _, rhs, out, contracted = _parse(equation)
     y = jnp.einsum(equation, x.astype(compute_dtype), q.astype(compute_dtype))
     s, keep = _squeeze_contracted(scale, rhs, contracted)
@@ -132,13 +132,13 @@ def w8a8_einsum(equation: str, x, q, scale, out_dtype):
 
 
 def quantized_einsum(mode: str, equation: str, x, q, scale, compute_dtype):
-    """What a quantised `Linear` computes: weight-only ("int8") or int8 x int8 ("w8a8")."""
+    """What a quantized `Linear` computes: weight-only ("int8") or int8 x int8 ("w8a8")."""
     if mode == "w8a8":
         return w8a8_einsum(equation, x, q, scale, compute_dtype)
     return int8_einsum(equation, x, q, scale, compute_dtype)
 
 
 def int8_take(q_VD, scale_V1, tokens_BS, compute_dtype):
-    """Embedding lookup of int8 rows, dequantised after the lookup with each row's scale."""
+    """Embedding lookup of int8 rows, dequantized after the lookup with each row's scale."""
     rows_BSD = jnp.take(q_VD, tokens_BS, axis=0).astype(compute_dtype)
     return rows_BSD * jnp.take(scale_V1, tokens_BS, axis=0).astype(compute_dtype)

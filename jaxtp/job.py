@@ -19,6 +19,8 @@ import jaxtp
 from jaxtp import checkpoint, data, measure, train
 from jaxtp.errors import UserError, user_input
 from jaxtp.generation import kv_cache_quality
+from jaxtp.hf.config import architecture
+from jaxtp.hf.files import read_json, resolve
 from jaxtp.mesh import describe_mesh
 from jaxtp.quant import PRECISIONS
 
@@ -59,11 +61,20 @@ class TrainingJob:
         tokenizer=None,
         export_hf=None,
     ):
-        self.out, self.cfg, self.tc, self.mesh, self.corpus, self.sample_len = out, cfg, tc, mesh, corpus, sample_len
+        self.out, self.cfg, self.tc, self.mesh, self.corpus, self.sample_len = (
+            out,
+            cfg,
+            tc,
+            mesh,
+            corpus,
+            sample_len,
+        )
         self.checkpoint_every, self.resume, self.rules, self.lean = checkpoint_every, resume, rules, lean
         self.hf, self.tokenizer, self.export_hf = hf, tokenizer, export_hf
         self.unit = "byte" if tokenizer is None else "token"
-        self.ckpts = checkpoint.TrainCheckpoints(out / "checkpoints", keep) if checkpoint_every or resume else None
+        self.ckpts = (
+            checkpoint.TrainCheckpoints(out / "checkpoints", keep) if checkpoint_every or resume else None
+        )
         self.report: dict = {
             "mesh": dict(mesh.shape),
             "rules": rules,
@@ -76,7 +87,9 @@ class TrainingJob:
 
     def run(self):
         self.show_layout()
-        self.eval_batches = data.eval_batches(self.corpus.heldout, self.mesh, self.tc.batch_size, self.tc.seq_len)
+        self.eval_batches = data.eval_batches(
+            self.corpus.heldout, self.mesh, self.tc.batch_size, self.tc.seq_len
+        )
         if self.hf:  # the checkpoint as loaded: what fine-tuning starts from
             self.report["eval_before"] = self.per_byte(train.evaluate(self.model, self.eval_batches))
         self.trainer = train.Trainer.create(self.model, self.tc)
@@ -199,7 +212,9 @@ class TrainingJob:
             compiled_one_layer = train.compile_train_step(
                 self.cfg.replace(n_layers=1), self.model.layout, tc, data.batch_sharding(self.mesh)
             )
-            per = measure.per_layer(total, measure.collectives_of(compiled_one_layer, self.mesh), self.cfg.n_layers)
+            per = measure.per_layer(
+                total, measure.collectives_of(compiled_one_layer, self.mesh), self.cfg.n_layers
+            )
             how = "count with L layers minus count with 1 layer, / (L-1)"
         self.report["collectives_per_layer"] = per
         print(f"  per layer ({how}):")
@@ -227,7 +242,9 @@ class TrainingJob:
             t = time.perf_counter()
             metrics = tr.train_step(batch)
             if step + 1 < tc.steps:  # build the next batch while the step runs
-                batch = data.train_batch(self.corpus.train, self.mesh, tc.batch_size, tc.seq_len, tc.seed, step + 1)
+                batch = data.train_batch(
+                    self.corpus.train, self.mesh, tc.batch_size, tc.seq_len, tc.seed, step + 1
+                )
             loss = float(metrics["loss"])
             times.append(time.perf_counter() - t)
             losses.append(loss)
@@ -252,9 +269,7 @@ class TrainingJob:
         return r
 
     def format_loss(self, r: dict) -> str:
-        return (
-            f"{r['loss']:.4f} nats/{self.unit} = {r['bits_per_byte']:.3f} bits/byte, perplexity {r['perplexity']:.2f}"
-        )
+        return f"{r['loss']:.4f} nats/{self.unit} = {r['bits_per_byte']:.3f} bits/byte, perplexity {r['perplexity']:.2f}"
 
     def evaluate(self):
         section("held-out evaluation")
@@ -269,7 +284,9 @@ class TrainingJob:
         uniform = math.log(256) if self.tokenizer is None else math.log(self.cfg.vocab_size)
         print(f"  f32: {self.format_loss(f32)}   (uniform {self.unit}s: {uniform:.2f} nats)")
         if len(ev) > 1:
-            tokens = self.tokenizer is not None  # bits/byte differs from nats per token / ln 2: a column of its own
+            tokens = (
+                self.tokenizer is not None
+            )  # bits/byte differs from nats per token / ln 2: a column of its own
             print(
                 f"  {'precision':9s} {'bytes/device':>14s} {'nats/' + self.unit:>10s} {'delta vs f32':>13s} "
                 f"{'top-1 agree':>11s} {'KL':>9s}" + (f" {'bits/byte':>9s}" if tokens else "")
@@ -320,7 +337,9 @@ class TrainingJob:
         n = min(self.sample_len, self.tc.seq_len - len(prompt))  # stay within the trained context
         eos = None if tok is None else tok.eos_token_id
         out = np.asarray(
-            jaxtp.generate(model, prompt[None, :], n, temperature=0.7, top_k=40, seed=self.tc.seed, eos_id=eos)
+            jaxtp.generate(
+                model, prompt[None, :], n, temperature=0.7, top_k=40, seed=self.tc.seed, eos_id=eos
+            )
         )[0]
         if tok is None:
             return SAMPLE_PROMPT + data.decode(out)
@@ -328,8 +347,6 @@ class TrainingJob:
         return tok.decode(np.concatenate([prompt, out[: ends[0] if ends else n]]))
 
     def export(self):
-        from jaxtp.hf.config import architecture
-        from jaxtp.hf.files import read_json, resolve
 
         section("Hugging Face export")
         arch = architecture(read_json(resolve(self.hf) / "config.json", "the source checkpoint"))
@@ -362,7 +379,7 @@ class TrainingJob:
         if jax.process_index() != 0:  # reports and plots are written once
             return
         (self.out / "report.json").write_text(json.dumps(self.report, indent=1, default=str))
-        import matplotlib
+        import matplotlib  # here, not at the top: a heavy import, and the backend must be chosen before pyplot
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

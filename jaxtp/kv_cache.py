@@ -3,7 +3,7 @@
 A cache entry (one layer's K, or V; or a scanned model's stacked K or V) is either a float array
 ``[B, T, K, H]`` (``[L, B, T, K, H]``) or an `Int8KV`: int8 values of that shape plus one bf16 scale per
 (token, kv head), ``[B, T, K]`` (``[L, B, T, K]``), placed like the values minus head_dim. Scales are
-symmetric absmax over head_dim / 127, so a token's quantisation never mixes kv heads (each lives on its
+symmetric absmax over head_dim / 127, so a token's quantization never mixes kv heads (each lives on its
 own model rank) and needs no collective. They are bf16, not f32: with head_dim H a token's kv head costs
 H + 2 bytes against a bf16 cache's 2H (H=64: 0.516x; f32 scales would give 0.531x). A scale is rounded up
 to bf16 and the values are rounded against it, so the absmax still fits in 127 steps and the scale's own
@@ -14,7 +14,7 @@ cache's values) are stored as their uint16 bit patterns (`pack`).
 the current slot (a while loop with a trip count of slot // block + 1): a step costs what the position
 reached costs, not what the cache's allocated length does. It keeps an online softmax (running max, sum
 and accumulator in f32) and reads grouped queries as a [B, K, G, H] view of q, so the cache is never
-repeated per query head. An int8 block is dequantised inside the loop, its scale applied after the dot
+repeated per query head. An int8 block is dequantized inside the loop, its scale applied after the dot
 (a per-key factor of the scores, and of the probabilities that weight V).
 """
 
@@ -117,7 +117,7 @@ def dequantize(entry: Int8KV, dtype=jnp.float32):
 
 
 def store(x_BSKH, dtype):
-    """K or V as the cache holds it: quantised for int8, packed for bf16, else cast."""
+    """K or V as the cache holds it: quantized for int8, packed for bf16, else cast."""
     if jnp.dtype(dtype) == jnp.int8:
         return quantize(x_BSKH)
     return pack(x_BSKH) if jnp.dtype(dtype) == jnp.bfloat16 else x_BSKH.astype(dtype)
@@ -158,7 +158,7 @@ def allocate(x_BSKH, cache_len: int, dtype, names, layout):
 
 
 def write(entry, new_B1KH, lead: tuple, slot):
-    """`entry` with one position written at [*lead, :, slot] (quantised for int8): a slice update on the
+    """`entry` with one position written at [*lead, :, slot] (quantized for int8): a slice update on the
     unsharded seq axis, in place under donation. `lead` is () for a layer's own entry, (i,) for a stacked one."""
     new = store(new_B1KH, _logical_dtype(entry))
 
@@ -176,7 +176,9 @@ def read_block(entry, lead: tuple, start, size: int):
     def piece(c):
         n = len(lead)
         sizes = (1,) * n + (c.shape[n], size) + c.shape[n + 2 :]
-        return unpack(jax.lax.dynamic_slice(c, (*lead, 0, start) + (0,) * (c.ndim - n - 2), sizes).reshape(sizes[n:]))
+        return unpack(
+            jax.lax.dynamic_slice(c, (*lead, 0, start) + (0,) * (c.ndim - n - 2), sizes).reshape(sizes[n:])
+        )
 
     return jax.tree.map(piece, entry)
 
@@ -202,7 +204,9 @@ def bytes_per_device(caches) -> int:
 
 def _scores(q_BKGH, k, H: int):
     """q . k / sqrt(H) in f32, [B, K, G, t]; an int8 block's scale multiplies each key's score."""
-    s_BKGT = jnp.einsum("bkgh,btkh->bkgt", q_BKGH, values(k).astype(q_BKGH.dtype), preferred_element_type=jnp.float32)
+    s_BKGT = jnp.einsum(
+        "bkgh,btkh->bkgt", q_BKGH, values(k).astype(q_BKGH.dtype), preferred_element_type=jnp.float32
+    )
     if isinstance(k, Int8KV):
         s_BKGT = s_BKGT * k.scale.astype(jnp.float32).transpose(0, 2, 1)[:, :, None, :]
     return s_BKGT / math.sqrt(H)

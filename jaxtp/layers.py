@@ -72,7 +72,7 @@ class Linear(nnx.Module):
     """An einsum with a named kernel, e.g. 'bsd,dnh->bsnh' with kernel names (embed, heads, head_dim).
 
     `contract` counts the kernel's leading (input) axes; the remaining axes are outputs. With `bias`, a
-    zero-initialised bias over the output axes (named like them) is added after the matmul. Quantised
+    zero-initialised bias over the output axes (named like them) is added after the matmul. Quantized
     (`set_precision("int8" | "w8a8")`), `kernel` is an int8 `Int8Weight` and `scale` its per-output-channel
     `Int8Scale` (jaxtp.int8).
     """
@@ -112,7 +112,7 @@ class Linear(nnx.Module):
                 if bias
                 else None
             )
-        self.quant_mode: str | None = None  # "int8" (weight-only) or "w8a8" once quantised
+        self.quant_mode: str | None = None  # "int8" (weight-only) or "w8a8" once quantized
         self.scale: int8.Int8Scale | None = nnx.data(None)  # the int8 kernel's per-output-channel scale
 
     def __call__(self, x):
@@ -126,7 +126,7 @@ class Linear(nnx.Module):
         def matmul(x, w):
             return matmul_rows(x.astype(self.compute_dtype), self.read(w), self.contract)
 
-        if self.layout is not None and self.layout.gathers(self.names):
+        if self.layout is not None and self.layout.needs_gather(self.names):
             matmul = jax.checkpoint(matmul)  # ZeRO-3: gather again in the backward rather than keep it
         return self.add_bias(matmul(x, self.kernel[...]))
 
@@ -143,7 +143,7 @@ class Linear(nnx.Module):
 
     def fusable(self) -> bool:
         """Whether this kernel may be stacked with its siblings' into one matmul (float, no ZeRO gather)."""
-        return self.quant_mode is None and (self.layout is None or not self.layout.gathers(self.names))
+        return self.quant_mode is None and (self.layout is None or not self.layout.needs_gather(self.names))
 
     def contracted_axes(self) -> range:
         """The kernel axes the matmul contracts, after any stacked leading axes (a scanned model's "layers"):
@@ -153,7 +153,7 @@ class Linear(nnx.Module):
 
     def set_precision(self, precision: str) -> None:
         """jaxtp.quant.cast's hook (the float arrays themselves are cast there): a float precision sets the
-        compute dtype; "int8"/"w8a8" quantise the kernel once and then only switch the mode."""
+        compute dtype; "int8"/"w8a8" quantize the kernel once and then only switch the mode."""
         if precision not in int8.MODES:
             self.compute_dtype = to_dtype(precision)
             return
@@ -192,12 +192,16 @@ class RMSNorm(nnx.Module):
         self.layout = layer_layout(layout, cfg)
         self.names = tuple(names)
         with placing(self.layout):
-            self.scale = nnx.Param(jnp.ones((size or cfg.d_model,), to_dtype(cfg.param_dtype)), out_sharding=self.names)
+            self.scale = nnx.Param(
+                jnp.ones((size or cfg.d_model,), to_dtype(cfg.param_dtype)), out_sharding=self.names
+            )
 
     def __call__(self, x_BSD):
         x = x_BSD.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return (x * gathered(self.scale[...], self.names, self.layout).astype(jnp.float32)).astype(x_BSD.dtype)
+        return (x * gathered(self.scale[...], self.names, self.layout).astype(jnp.float32)).astype(
+            x_BSD.dtype
+        )
 
 
 def rope_frequencies(H: int, theta: float, scaling: tuple | None = None):
@@ -266,13 +270,23 @@ class Attention(nnx.Module):
         cfg, rngs = layer_config(cfg, dims), _need(rngs, "Attention")
         D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         std, out_std = cfg.init_std, cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        self.layout, self.theta, self.rope_scaling = layer_layout(layout, cfg), cfg.rope_theta, cfg.rope_scaling
+        self.layout, self.theta, self.rope_scaling = (
+            layer_layout(layout, cfg),
+            cfg.rope_theta,
+            cfg.rope_scaling,
+        )
         self.causal = causal
         self.attention, self.attention_block = cfg.attention, cfg.attention_block
         linear = functools.partial(Linear, cfg=cfg, rngs=rngs, layout=self.layout)
-        self.q = linear("bsd,dnh->bsnh", (D, N, H), ("embed", "heads", "head_dim"), std=std, bias=cfg.qkv_bias)
-        self.k = linear("bsd,dkh->bskh", (D, K, H), ("embed", "kv_heads", "head_dim"), std=std, bias=cfg.qkv_bias)
-        self.v = linear("bsd,dkh->bskh", (D, K, H), ("embed", "kv_heads", "head_dim"), std=std, bias=cfg.qkv_bias)
+        self.q = linear(
+            "bsd,dnh->bsnh", (D, N, H), ("embed", "heads", "head_dim"), std=std, bias=cfg.qkv_bias
+        )
+        self.k = linear(
+            "bsd,dkh->bskh", (D, K, H), ("embed", "kv_heads", "head_dim"), std=std, bias=cfg.qkv_bias
+        )
+        self.v = linear(
+            "bsd,dkh->bskh", (D, K, H), ("embed", "kv_heads", "head_dim"), std=std, bias=cfg.qkv_bias
+        )
         self.o = linear("bsnh,nhd->bsd", (N, H, D), ("heads", "head_dim", "embed"), std=out_std)
         norm = functools.partial(RMSNorm, cfg, self.layout, H, ("head_dim",))
         self.q_norm, self.k_norm = (norm(), norm()) if cfg.qk_norm else (None, None)
@@ -316,7 +330,11 @@ class Attention(nnx.Module):
         q_BSNH = self.q.add_bias(y_BSXCH[..., : C - 2, :].reshape(B, S, -1, H))
         q_BSNH = constrain(self.rotated(q_BSNH, self.q_norm, positions_BS), HEADS, self.layout)
         # Replicated kv heads were projected once per query head: so are their biases.
-        expand = (lambda b: jnp.repeat(b[...], X // b.shape[0], axis=0)) if self.kv_replicated() else (lambda b: b[...])
+        expand = (
+            (lambda b: jnp.repeat(b[...], X // b.shape[0], axis=0))
+            if self.kv_replicated()
+            else (lambda b: b[...])
+        )
         k_BSXH, v_BSXH = (
             lin.add_bias(y_BSXCH[..., c, :], None if lin.bias is None else expand(lin.bias))
             for lin, c in ((self.k, C - 2), (self.v, C - 1))
@@ -341,7 +359,8 @@ class Attention(nnx.Module):
             # Expanded in the parameter dtype, so that the gradient sum crosses devices in f32 under bf16 compute.
             expand_NK = (jnp.arange(N)[:, None] // G == jnp.arange(K)[None, :]).astype(self.k.kernel.dtype)
             wk_DNH, wv_DNH = (
-                jnp.einsum("dkh,nk->dnh", lin.kernel[...], expand_NK).astype(wq_DNH.dtype) for lin in (self.k, self.v)
+                jnp.einsum("dkh,nk->dnh", lin.kernel[...], expand_NK).astype(wq_DNH.dtype)
+                for lin in (self.k, self.v)
             )
             return jnp.stack([wq_DNH, wk_DNH, wv_DNH], axis=2)
         wk_DKH, wv_DKH = self.k.read(), self.v.read()
@@ -384,7 +403,11 @@ class MLP(nnx.Module):
     """SwiGLU: gate and up column-parallel over `mlp` (separate weights, never a fused split), down row-parallel."""
 
     def __init__(
-        self, cfg: ModelConfig | None = None, layout: Layout | None = None, rngs: nnx.Rngs | None = None, **dims
+        self,
+        cfg: ModelConfig | None = None,
+        layout: Layout | None = None,
+        rngs: nnx.Rngs | None = None,
+        **dims,
     ):
         cfg, rngs = layer_config(cfg, dims), _need(rngs, "MLP")
         D, F = cfg.d_model, cfg.d_ff
@@ -392,13 +415,15 @@ class MLP(nnx.Module):
         linear = functools.partial(Linear, cfg=cfg, rngs=rngs, layout=self.layout)
         self.gate = linear("bsd,df->bsf", (D, F), ("embed", "mlp"), std=cfg.init_std)
         self.up = linear("bsd,df->bsf", (D, F), ("embed", "mlp"), std=cfg.init_std)
-        self.down = linear("bsf,fd->bsd", (F, D), ("mlp", "embed"), std=cfg.init_std / math.sqrt(2 * cfg.n_layers))
+        self.down = linear(
+            "bsf,fd->bsd", (F, D), ("mlp", "embed"), std=cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        )
 
     def __call__(self, x_BSD):
         x_BSD = constrain(x_BSD, BLOCK_IN, self.layout)
         # Separate matmuls, though the backward then all-reduces two [B, S, D] input-gradients: stacking
-        # gate and up as q/k/v are costs more in [B, S, 2, F] copies than it saves (D256/F1024 on XLA:CPU:
-        # 2x4 step 570 vs 477 ms; 1x8 even), since F >> D.
+        # gate and up as q/k/v are costs more in [B, S, 2, F] copies than it saves, since F >> D (measured on
+        # XLA:CPU: docs/planner.md).
         gate_BSF, up_BSF = self.gate(x_BSD), self.up(x_BSD)
         h_BSF = constrain(jax.nn.silu(gate_BSF) * up_BSF, HIDDEN, self.layout)
         return constrain(self.down(h_BSF), RESIDUAL, self.layout)
@@ -460,7 +485,7 @@ class Embed(nnx.Module):
             self.table = normal_param(
                 rngs, (padded_vocab, cfg.d_model), self.table_names, cfg.init_std, to_dtype(cfg.param_dtype)
             )
-        self.quant_mode: str | None = None  # "int8" or "w8a8" once quantised
+        self.quant_mode: str | None = None  # "int8" or "w8a8" once quantized
         self.scale: int8.Int8Scale | None = nnx.data(None)  # the int8 table's scale, one per vocab row
 
     def __call__(self, tokens_BS):
@@ -482,10 +507,12 @@ class Embed(nnx.Module):
             return int8.quantized_einsum(
                 self.quant_mode, "bsd,vd->bsv", x_BSD, table_VD, self.scale[...], self.compute_dtype
             )
-        return jnp.einsum("bsd,vd->bsv", x_BSD.astype(self.compute_dtype), table_VD.astype(self.compute_dtype))
+        return jnp.einsum(
+            "bsd,vd->bsv", x_BSD.astype(self.compute_dtype), table_VD.astype(self.compute_dtype)
+        )
 
     def set_precision(self, precision: str) -> None:
-        """jaxtp.quant.cast's hook, as Linear's: the table quantises with one scale per vocab row."""
+        """jaxtp.quant.cast's hook, as Linear's: the table quantizes with one scale per vocab row."""
         if precision not in int8.MODES:
             self.compute_dtype = to_dtype(precision)
             return

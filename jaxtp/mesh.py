@@ -84,7 +84,9 @@ def _sized_axes(spec: str, s: str) -> dict[str, int]:
         )
     sizes = [int(p) for p in s.split("x")]
     if len(sizes) not in (2, 3):
-        raise ValueError(f"mesh spec {spec!r} has {len(sizes)} axes; use 2 (data x model) or 3 (data x fsdp x model)")
+        raise ValueError(
+            f"mesh spec {spec!r} has {len(sizes)} axes; use 2 (data x model) or 3 (data x fsdp x model)"
+        )
     return dict(zip(AXES_2 if len(sizes) == 2 else AXES_3, sizes))
 
 

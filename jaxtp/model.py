@@ -25,7 +25,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from . import int8
@@ -44,7 +43,7 @@ __all__ = [
     "layer",
     "remat_block",
     "abstract_model",
-    "ParamRow",
+    "ParamInfo",
     "ParamTable",
     "param_table",
 ]
@@ -118,7 +117,9 @@ class Transformer(nnx.Module):
         """jaxtp.quant.cast's hook: a float precision becomes the config's dtypes (checkpoints record it
         there); the layers hold the rest of the precision state."""
         if precision not in int8.MODES:
-            self.cfg = self.cfg.replace(param_dtype=DTYPE_NAMES[precision], compute_dtype=DTYPE_NAMES[precision])
+            self.cfg = self.cfg.replace(
+                param_dtype=DTYPE_NAMES[precision], compute_dtype=DTYPE_NAMES[precision]
+            )
 
 
 def stacked_blocks(cfg: ModelConfig, layout: Layout | None, rngs: nnx.Rngs) -> Block:
@@ -194,20 +195,34 @@ def abstract_model(cfg: ModelConfig, layout: Layout | None, seed: int = 0) -> Tr
         return nnx.eval_shape(lambda: Transformer(cfg, layout=layout, rngs=nnx.Rngs(seed)))
 
 
-@dataclasses.dataclass
-class ParamRow:
-    path: str
-    logical: tuple
-    spec: str
-    shape: tuple
-    local_shape: tuple
+@dataclasses.dataclass(frozen=True)
+class ParamInfo:
+    """One parameter: where it lives and how big it is, globally and on one device. `param_table` lists
+    a model's; the planner builds the same records for models it never allocates."""
+
+    path: str  # "/"-joined nnx path, e.g. "blocks/3/attn/q/kernel"
+    logical: tuple  # its logical axis names (the `out_sharding` metadata)
+    spec: tuple  # per dimension: the tuple of mesh axes it splits over
+    shape: tuple  # global shape
+    local_shape: tuple  # per-device shape (a split that does not divide rounds up)
     dtype: str
-    bytes_per_device: int
+
+    @property
+    def local_bytes(self) -> int:
+        return math.prod(self.local_shape) * jnp.dtype(self.dtype).itemsize
+
+    @property
+    def sharded_over(self) -> set:
+        return {a for axes in self.spec for a in axes}
+
+    @property
+    def partition_spec(self) -> jax.sharding.PartitionSpec:
+        return jax.sharding.PartitionSpec(*(None if not a else a[0] if len(a) == 1 else a for a in self.spec))
 
 
 @dataclasses.dataclass
 class ParamTable:
-    rows: list[ParamRow]
+    rows: list[ParamInfo]
 
     @property
     def total_params(self) -> int:
@@ -215,7 +230,7 @@ class ParamTable:
 
     @property
     def bytes_per_device(self) -> int:
-        return sum(r.bytes_per_device for r in self.rows)
+        return sum(r.local_bytes for r in self.rows)
 
     def __str__(self) -> str:
         head = ("path", "logical axes", "spec", "global", "per device", "dtype", "bytes/dev")
@@ -223,11 +238,11 @@ class ParamTable:
             (
                 r.path,
                 ",".join(str(n) for n in r.logical),
-                r.spec,
+                str(r.partition_spec),
                 "x".join(map(str, r.shape)),
                 "x".join(map(str, r.local_shape)),
                 r.dtype,
-                f"{r.bytes_per_device:,}",
+                f"{r.local_bytes:,}",
             )
             for r in self.rows
         ]
@@ -239,7 +254,7 @@ class ParamTable:
 
 
 def param_table(model: nnx.Module) -> ParamTable:
-    """One row per array variable (params and quantised weights): placement and per-device bytes."""
+    """One row per array variable (params and quantized weights): placement and per-device bytes."""
     rows = []
     for path, var in nnx.to_flat_state(nnx.state(model)):
         value = var[...] if isinstance(var, nnx.Variable) else var
@@ -247,17 +262,18 @@ def param_table(model: nnx.Module) -> ParamTable:
             continue
         names = var.get_metadata().get("out_sharding") if isinstance(var, nnx.Variable) else None
         sharding = getattr(value, "sharding", None)
-        spec = getattr(sharding, "spec", None)
+        spec = tuple(getattr(sharding, "spec", None) or ())
+        spec += (None,) * (len(value.shape) - len(spec))
         local = tuple(sharding.shard_shape(value.shape)) if sharding is not None else tuple(value.shape)
+        axes = tuple(() if a is None else (a,) if isinstance(a, str) else tuple(a) for a in spec)
         rows.append(
-            ParamRow(
+            ParamInfo(
                 "/".join(map(str, path)),
                 tuple(names or ()),
-                str(spec) if spec is not None else "-",
+                axes,
                 tuple(value.shape),
                 local,
                 str(value.dtype),
-                int(np.prod(local)) * jnp.dtype(value.dtype).itemsize,
             )
         )
     return ParamTable(rows)

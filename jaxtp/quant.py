@@ -6,13 +6,13 @@ variables' logical names (`sharding.module_shardings`: each layer's own layout).
 
 The conversion (`convert`) casts the state's float `nnx.Param`s itself and leaves everything else to the
 modules that own precision-dependent state, through their `set_precision(precision)` hook: jaxtp's
-`Linear` and `Embed` set their compute dtype or quantise their weight (per-output-channel symmetric
+`Linear` and `Embed` set their compute dtype or quantize their weight (per-output-channel symmetric
 absmax, jaxtp.int8), and the `Transformer` records float dtypes in its config. A scanned model's stacked
 "layers" axis is an output axis here: one scale per layer and channel. The embedding gets one scale per
 vocabulary row. Norm scales stay float.
 
 Casting an int8/w8a8 model to "int8" or "w8a8" switches the compute mode and keeps the stored int8
-arrays (re-quantising them would give the same values); casting it to "f32" or "bf16" raises, since the
+arrays (re-quantizing them would give the same values); casting it to "f32" or "bf16" raises, since the
 float weights are gone: cast from the float model instead.
 """
 
@@ -27,8 +27,8 @@ import numpy as np
 from flax import nnx
 
 from .config import to_dtype
-from .int8 import MODES as QUANTISED
-from .int8 import QMAX, SCALE_FLOOR, Int8Scale, Int8Weight, Quantised, channel_scale, quantize
+from .int8 import MODES as QUANTIZED
+from .int8 import QMAX, SCALE_FLOOR, Int8Scale, Int8Weight, Quantized, channel_scale, quantize
 from .layers import Linear
 from .loss import cross_entropy
 from .model import param_table
@@ -36,15 +36,15 @@ from .sharding import Layout, module_shardings
 
 __all__ = [
     "PRECISIONS",
-    "QUANTISED",
+    "QUANTIZED",
     "QMAX",
     "SCALE_FLOOR",
-    "Quantised",
+    "Quantized",
     "Int8Weight",
     "Int8Scale",
     "quantize",
     "channel_scale",
-    "is_quantised",
+    "is_quantized",
     "precision_of",
     "convert",
     "converting",
@@ -56,7 +56,7 @@ __all__ = [
     "format_precision_report",
 ]
 
-PRECISIONS = ("f32", "bf16") + QUANTISED
+PRECISIONS = ("f32", "bf16") + QUANTIZED
 
 
 def _check_precision(precision) -> str:
@@ -65,12 +65,12 @@ def _check_precision(precision) -> str:
     return precision
 
 
-def is_quantised(model) -> bool:
-    return any(isinstance(v, Quantised) for _, v in nnx.to_flat_state(nnx.state(model)))
+def is_quantized(model) -> bool:
+    return any(isinstance(v, Quantized) for _, v in nnx.to_flat_state(nnx.state(model)))
 
 
 def precision_of(model) -> str:
-    """'int8' / 'w8a8' for quantised models; otherwise 'bf16' or 'f32' from the Linear kernels' dtype."""
+    """'int8' / 'w8a8' for quantized models; otherwise 'bf16' or 'f32' from the Linear kernels' dtype."""
     for _, m in nnx.iter_modules(model):
         if isinstance(m, Linear):
             if m.quant_mode is not None:
@@ -82,12 +82,12 @@ def precision_of(model) -> str:
 def convert(model, precision: str):
     """`model` rewritten in place (inside a trace) to `precision`: float `nnx.Param`s cast through its
     state, then every module's `set_precision` hook (see the module docstring). Returns `model`."""
-    if is_quantised(model) and precision not in QUANTISED:
+    if is_quantized(model) and precision not in QUANTIZED:
         raise ValueError(
-            f"cast(model, {precision!r}): this model is already quantised (int8 weights); its float weights are "
+            f"cast(model, {precision!r}): this model is already quantized (int8 weights); its float weights are "
             "gone, so cast the original float model instead"
         )
-    if precision not in QUANTISED:
+    if precision not in QUANTIZED:
         dtype = to_dtype(precision)
         floats = lambda _, v: isinstance(v, nnx.Param) and jnp.issubdtype(v[...].dtype, jnp.floating)
         nnx.update(model, jax.tree.map(lambda w: w.astype(dtype), nnx.state(model, floats)))
@@ -117,7 +117,7 @@ def cast(model, precision: str):
     "f32"/"bf16": every floating `nnx.Param` (storage) and the compute dtype. "int8": weight-only int8
     Linear kernels and embedding (per-output-channel scales, norms stay float), compute dtype unchanged.
     "w8a8": the same storage with int8 x int8 matmuls (inference only). The input model is untouched.
-    Any NNX module works (a user's model of jaxtp layers): each quantised weight keeps its layer's
+    Any NNX module works (a user's model of jaxtp layers): each quantized weight keeps its layer's
     placement. A model without a layout (built unsharded) is cast on its device.
     """
     _check_precision(precision)
@@ -154,7 +154,7 @@ def warn_if_low_precision_training(model, stacklevel: int = 2) -> str | None:
 
 
 _LOW_PRECISION = {
-    "int8": "training a quantised (int8) model: its int8 weights are not nnx.Param and stay frozen; only float "
+    "int8": "training a quantized (int8) model: its int8 weights are not nnx.Param and stay frozen; only float "
     "parameters (norm scales) get updates. Train the float model and cast afterwards",
     "bf16": "training with low-precision (bf16) parameters: optimizer updates smaller than the bf16 spacing of a "
     "weight vanish and training stalls. Keep float32 master weights (param_dtype='float32') and use "
@@ -163,12 +163,14 @@ _LOW_PRECISION = {
 
 
 def _low_precision(model) -> str | None:
-    """ "int8" for a quantised model, "bf16" for floating params narrower than f32, else None."""
+    """ "int8" for a quantized model, "bf16" for floating params narrower than f32, else None."""
     flat = nnx.to_flat_state(nnx.state(model))
-    if any(isinstance(v, Quantised) for _, v in flat):
+    if any(isinstance(v, Quantized) for _, v in flat):
         return "int8"
     narrow = (
-        isinstance(v, nnx.Param) and jnp.issubdtype(v[...].dtype, jnp.floating) and jnp.dtype(v[...].dtype).itemsize < 4
+        isinstance(v, nnx.Param)
+        and jnp.issubdtype(v[...].dtype, jnp.floating)
+        and jnp.dtype(v[...].dtype).itemsize < 4
         for _, v in flat
     )
     return "bf16" if any(narrow) else None
@@ -229,7 +231,9 @@ def _compared_row(cast_model, batches, ref_logits) -> dict:
     """A cast's report row: held-out loss, top-1 agreement and KL against the f32 logits, batch means."""
     graphdef, state = nnx.split(cast_model)
     _, compare = _eval_fns(graphdef)
-    return _row(cast_model, [tuple(map(float, compare(state, t, ref))) for t, ref in zip(batches, ref_logits)])
+    return _row(
+        cast_model, [tuple(map(float, compare(state, t, ref))) for t, ref in zip(batches, ref_logits)]
+    )
 
 
 def _row(cast_model, per_batch) -> dict:

@@ -189,7 +189,9 @@ def resolve_rules(cfg: ModelConfig, mesh, rules: Mapping | str | None = None) ->
     bad = indivisible_axes(cfg, mesh, resolved)
     if bad:
         first = bad[0]
-        raise ValueError(f"{first.describe()}; {_hint(cfg, mesh, first.mesh_axes, first.size)} or change {first.field}")
+        raise ValueError(
+            f"{first.describe()}; {_hint(cfg, mesh, first.mesh_axes, first.size)} or change {first.field}"
+        )
     if cfg.n_kv_heads % split_size(resolved["kv_heads"], mesh):
         resolved["kv_heads"] = None  # GQA: replicate each kv head over the ranks of its query group
     return resolved
@@ -280,7 +282,7 @@ class Layout:
             fitted.append(None if not axes else axes[0] if len(axes) == 1 else axes)
         return jax.lax.with_sharding_constraint(x, NamedSharding(self.mesh, P(*fitted)))
 
-    def gathers(self, names) -> bool:
+    def needs_gather(self, names) -> bool:
         """Whether a weight with these names is stored split over a batch axis (so reads gather it)."""
         batch_axes = set(mesh_axes(self.rules.get("batch")))
         return any(a in batch_axes for n in names if n is not None for a in mesh_axes(self.rules.get(n)))
@@ -382,7 +384,11 @@ def placing(layout: Layout | None):
 def module_shardings(module, default: Layout):
     """NamedShardings for every Variable of `module`: a Variable of a module that holds a `layout` (jaxtp's
     layers) follows that layout's rules; others follow `default`. Unnamed Variables are replicated."""
-    layouts = {path: m.layout for path, m in nnx.iter_modules(module) if isinstance(getattr(m, "layout", None), Layout)}
+    layouts = {
+        path: m.layout
+        for path, m in nnx.iter_modules(module)
+        if isinstance(getattr(m, "layout", None), Layout)
+    }
 
     def one(path, v):
         layout = layouts.get(tuple(path[:-1]), default)

@@ -241,7 +241,9 @@ def train_flops_per_step(cfg, batch_size: int, seq_len: int) -> float:
     matmul; the head is) plus attention 12*L*B*S^2*N*H counted non-causally. No remat counted."""
     T = batch_size * seq_len
     matmul_params = cfg.matmul_param_count()
-    return 6.0 * matmul_params * T + 12.0 * cfg.n_layers * batch_size * seq_len**2 * cfg.n_heads * cfg.head_dim
+    return (
+        6.0 * matmul_params * T + 12.0 * cfg.n_layers * batch_size * seq_len**2 * cfg.n_heads * cfg.head_dim
+    )
 
 
 def compile_train_step(cfg, layout, tc: TrainConfig, batch_sharding):
@@ -259,7 +261,9 @@ def lower_train_step(cfg, layout, tc: TrainConfig, batch_sharding):
     tx = make_optimizer(tc)
     param_sh, opt_sh = state_shardings(params, tx, layout)
     opt_state = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), jax.eval_shape(tx.init, params), opt_sh
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        jax.eval_shape(tx.init, params),
+        opt_sh,
     )
     batch = jax.ShapeDtypeStruct((tc.batch_size, tc.seq_len + 1), jnp.int32, sharding=batch_sharding)
     return make_train_step(graphdef, rest, tx, param_sh, opt_sh).lower(params, opt_state, batch)

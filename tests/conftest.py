@@ -60,10 +60,12 @@ def reference_losses(cfg, spec, steps=12, batch=8, seq=32, lr=3e-3) -> list:
     corpus = jaxtp.data.load_corpus("synthetic")
     mesh = jaxtp.make_mesh(spec)
     tr = jaxtp.train.Trainer.create(
-        jaxtp.Transformer.create(cfg, mesh), jaxtp.train.TrainConfig(steps=steps, batch_size=batch, seq_len=seq, lr=lr)
+        jaxtp.Transformer.create(cfg, mesh),
+        jaxtp.train.TrainConfig(steps=steps, batch_size=batch, seq_len=seq, lr=lr),
     )
     return [
-        float(tr.train_step(jaxtp.data.train_batch(corpus.train, mesh, batch, seq, 0, i))["loss"]) for i in range(steps)
+        float(tr.train_step(jaxtp.data.train_batch(corpus.train, mesh, batch, seq, 0, i))["loss"])
+        for i in range(steps)
     ]
 
 

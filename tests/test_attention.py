@@ -92,6 +92,20 @@ def test_blockwise_with_scan_layers(steps):
     assert_same_step(steps("blockwise", "2x4", scan=True), steps("xla", "1x1", scan=True))
 
 
+@pytest.mark.parametrize("spec", ["1x1", "2x4"])
+def test_cached_greedy_generation_is_identical(cfg, spec):
+    """Prefill through blockwise attention (several blocks, padded prompts of different lengths, so rows
+    start at different offsets) and decode give the same greedy tokens as xla."""
+    mesh = jaxtp.make_mesh(spec)
+    prompt_BS = np.random.default_rng(3).integers(0, 256, size=(4, S), dtype=np.int32)
+    lengths = [S, S - 7, 23, S - 1]
+    out = {}
+    for impl in ("xla", "blockwise"):
+        model = jaxtp.Transformer.create(cfg.replace(attention=impl), mesh, seed=1)
+        out[impl] = jaxtp.generate(model, prompt_BS, 16, temperature=0, prompt_lengths=lengths)
+    np.testing.assert_array_equal(out["blockwise"], out["xla"])
+
+
 def test_config_choices(tiny):
     assert tiny.attention == "auto"
     with pytest.raises(ValueError, match="attention must be one of auto, xla, blockwise, cudnn"):
@@ -125,7 +139,9 @@ def test_attention_layer_kv_path(cfg):
     for impl in ("xla", "blockwise"):
         attn = jaxtp.Attention(cfg.replace(attention=impl), rngs=nnx.Rngs(0))
         kv = attn.project_kv(x_BSD, pos_BS)
-        outs[impl] = jax.jit(lambda x, kv: attn(x, pos_BS, kv=kv, k_pos_BT=pos_BS, k_valid_BT=pos_BS >= 0))(x_BSD, kv)
+        outs[impl] = jax.jit(lambda x, kv: attn(x, pos_BS, kv=kv, k_pos_BT=pos_BS, k_valid_BT=pos_BS >= 0))(
+            x_BSD, kv
+        )
     assert rel_err(outs["blockwise"], outs["xla"]) <= 1e-5
 
 
@@ -167,7 +183,9 @@ def mask_cases():
         "padded prompts": dict(q_pos_BS=pos_BT, k_pos_BT=pos_BT, k_valid_BT=valid_BT),
         "offset positions": dict(q_pos_BS=shifted, k_pos_BT=shifted, k_valid_BT=valid_BT),
         "queries after a cache": dict(q_pos_BS=pos_BT[:, -9:], k_pos_BT=pos_BT, k_valid_BT=valid_BT),
-        "mask [B, S, T]": dict(q_pos_BS=pos_BT, k_pos_BT=pos_BT, mask_BST=jnp.asarray(rng.random((2, S, S)) > 0.3)),
+        "mask [B, S, T]": dict(
+            q_pos_BS=pos_BT, k_pos_BT=pos_BT, mask_BST=jnp.asarray(rng.random((2, S, S)) > 0.3)
+        ),
         "mask [S, T]": dict(q_pos_BS=pos_BT, k_pos_BT=pos_BT, mask_BST=jnp.asarray(rng.random((S, S)) > 0.3)),
         "encoder": dict(q_pos_BS=pos_BT, k_pos_BT=pos_BT, k_valid_BT=valid_BT, causal=False),
         # Padded queries (negative positions) see no valid key: xla averages every value; so must blockwise.
@@ -192,7 +210,9 @@ def test_attend_bf16():
     pos_BT, valid_BT = padded_prompts()
     q, k, v = qkv()
     ref_out, ref_grads = attend_and_grads("xla", q, k, v, pos_BT, pos_BT, valid_BT)
-    out, grads = attend_and_grads("blockwise", *(x.astype(jnp.bfloat16) for x in (q, k, v)), pos_BT, pos_BT, valid_BT)
+    out, grads = attend_and_grads(
+        "blockwise", *(x.astype(jnp.bfloat16) for x in (q, k, v)), pos_BT, pos_BT, valid_BT
+    )
     assert out.dtype == jnp.bfloat16 and all(g.dtype == jnp.bfloat16 for g in grads)
     assert rel_err(out, ref_out) <= 2e-2
     for g, ref in zip(grads, ref_grads):
@@ -212,8 +232,12 @@ def test_dead_blocks_are_skipped(order):
     nan_keys = (jnp.arange(n) // BLOCK == poisoned)[None, :, None, None]
     k_bad, v_bad = jnp.where(nan_keys, jnp.nan, k), jnp.where(nan_keys, jnp.nan, v)
     out, (dq, _, _) = attend_and_grads("blockwise", q, k_bad, v_bad, pos_BT, pos_BT)
-    dead_rows = jnp.arange(n) // BLOCK < poisoned if order == "increasing" else jnp.arange(n) // BLOCK > poisoned
-    finite_rows = np.asarray(jnp.all(jnp.isfinite(out), axis=(0, 2, 3)) & jnp.all(jnp.isfinite(dq), axis=(0, 2, 3)))
+    dead_rows = (
+        jnp.arange(n) // BLOCK < poisoned if order == "increasing" else jnp.arange(n) // BLOCK > poisoned
+    )
+    finite_rows = np.asarray(
+        jnp.all(jnp.isfinite(out), axis=(0, 2, 3)) & jnp.all(jnp.isfinite(dq), axis=(0, 2, 3))
+    )
     np.testing.assert_array_equal(finite_rows, np.asarray(dead_rows))
     ref_out, (ref_dq, _, _) = attend_and_grads("xla", q, k, v, pos_BT, pos_BT)
     assert rel_err(out[:, dead_rows], ref_out[:, dead_rows]) <= 1e-5
@@ -228,7 +252,9 @@ def test_cudnn_dispatch(monkeypatch):
 
     def stand_in(q, k, v, *, is_causal, implementation):
         calls.append(implementation)
-        return jnp.zeros_like(q) if stand_in.zeros else real(q, k, v, is_causal=is_causal, implementation="xla")
+        return (
+            jnp.zeros_like(q) if stand_in.zeros else real(q, k, v, is_causal=is_causal, implementation="xla")
+        )
 
     real = jax.nn.dot_product_attention
     monkeypatch.setattr(jax.nn, "dot_product_attention", stand_in)
@@ -241,7 +267,9 @@ def test_cudnn_dispatch(monkeypatch):
         (True, increasing, True),
         (True, packed, False),
     ):
-        out = jax.jit(lambda q, k, v, p: attention.attend(q, k, v, p, p, implementation="cudnn"))(q, k, v, pos_BS)
+        out = jax.jit(lambda q, k, v, p: attention.attend(q, k, v, p, p, implementation="cudnn"))(
+            q, k, v, pos_BS
+        )
         ref = attention.attend_xla(q, k, v, pos_BS, pos_BS)
         if runs_cudnn and stand_in.zeros:
             assert not jnp.any(out)
@@ -252,7 +280,9 @@ def test_cudnn_dispatch(monkeypatch):
     valid_BS = increasing >= 3
     assert attention.resolve("cudnn", S, S, attention.cudnn_expressible(q, k, valid_BS, None, True)) == "xla"
     assert (
-        attention.resolve("auto", S, S, attention.cudnn_expressible(q.astype(jnp.float32), k, None, None, True))
+        attention.resolve(
+            "auto", S, S, attention.cudnn_expressible(q.astype(jnp.float32), k, None, None, True)
+        )
         == "xla"
     )
 
@@ -274,7 +304,9 @@ def temp_bytes():
     mesh = jaxtp.make_mesh("1x1")
 
     def temp(impl, seq):
-        graphdef, params, rest = nnx.split(jaxtp.Transformer.create(cfg.replace(attention=impl), mesh), nnx.Param, ...)
+        graphdef, params, rest = nnx.split(
+            jaxtp.Transformer.create(cfg.replace(attention=impl), mesh), nnx.Param, ...
+        )
         tokens = jax.ShapeDtypeStruct((1, seq + 1), jnp.int32)
         step = jax.jit(jax.grad(lambda p, t: jaxtp.loss.lm_loss(nnx.merge(graphdef, p, rest), t)))
         return memory_per_device(step.lower(params, tokens).compile())["temp"]

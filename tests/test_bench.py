@@ -68,14 +68,19 @@ def test_bench_train_section_rows_and_overhead_summary(tmp_path):
     for r in rows:
         assert all(math.isfinite(r[k]) and r[k] >= 0 for k in TRAIN_FIELDS), r
         assert r["jit_cache_size"] == 1 and len(r["step_times_s"]) == 2
-        assert r["mfu"] == pytest.approx(r["flops_per_s"] / max(r["peak_start_flops_per_s"], r["peak_end_flops_per_s"]))
+        assert r["mfu"] == pytest.approx(
+            r["flops_per_s"] / max(r["peak_start_flops_per_s"], r["peak_end_flops_per_s"])
+        )
     for one, two in (rows[:2], rows[2:]):
         assert one["collectives_model"] == {} and two["collectives_model"]["all-reduce"] > 0
         assert two["state_bytes_per_device"] < one["state_bytes_per_device"]  # params + Adam split over model
     checks = {(c["preset"], c["check"]): c for c in res["overhead"]["checks"]}
     ratio = checks[("tiny", "step(2x4)/step(1x1) N=8")]
     paired = lambda a, b: sorted(x / y for x, y in zip(a["step_times_s"], b["step_times_s"]))
-    assert ratio["value"] == pytest.approx(sum(paired(rows[1], rows[0])) / 2) and ratio["status"] in ("PASS", "MISS")
+    assert ratio["value"] == pytest.approx(sum(paired(rows[1], rows[0])) / 2) and ratio["status"] in (
+        "PASS",
+        "MISS",
+    )
     assert ratio["plain"] == pytest.approx(sum(paired(rows[3], rows[2])) / 2)
     assert (
         checks[("tiny", "step(1x8)/step(1x1)")]["status"] == "n/a"
@@ -184,6 +189,8 @@ def test_long_context_sections_report_ratios_and_targets(capsys):
     assert all(r["step_s"] > 0 and r["temp_bytes_per_device"] > 0 for r in res["attention"])
     summary = res["attention_summary"]
     assert set(summary["ratios"]) == {128, 256}
-    assert [c["status"] in ("PASS", "MISS") for c in summary["targets"]] == [True]  # S=128 only: no S >= 1024 here
+    assert [c["status"] in ("PASS", "MISS") for c in summary["targets"]] == [
+        True
+    ]  # S=128 only: no S >= 1024 here
     assert {r["kv_cache_dtype"] for r in res["kv_cache"]} == {"bf16", "int8"}
     assert 0 < res["kv_cache_summary"][64]["bytes"] < 1

@@ -61,5 +61,7 @@ def test_bench_load_small_end_to_end(tmp_path):
         assert rows["jaxtp", p]["model_bytes"] == n, p
     for p in ("f32", "bf16"):  # transformers also holds the RoPE inv_freq buffers
         assert 0 <= rows["transformers", p]["model_bytes"] - expected[p] < 1024
-    assert res["checkpoint"]["files"] >= 2 and res["checkpoint"]["params"] * 2 < res["checkpoint"]["file_bytes"]
+    assert (
+        res["checkpoint"]["files"] >= 2 and res["checkpoint"]["params"] * 2 < res["checkpoint"]["file_bytes"]
+    )
     assert {c["status"] for c in res["targets"]} <= {"PASS", "MISS"} and len(res["targets"]) == 11

@@ -146,7 +146,16 @@ def test_resume_after_sigkill_is_exact(tiny, killed_run):
     (out / "checkpoints" / "12.orbax-checkpoint-tmp-1234").mkdir()
     (out / "checkpoints" / "12.orbax-checkpoint-tmp-1234" / "junk").write_text("partial")
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "experiments" / "run.py"), *ARGS, "--mesh", "2x4", "--out", str(out), "--resume"],
+        [
+            sys.executable,
+            str(ROOT / "experiments" / "run.py"),
+            *ARGS,
+            "--mesh",
+            "2x4",
+            "--out",
+            str(out),
+            "--resume",
+        ],
         capture_output=True,
         text=True,
         env=env,
@@ -165,12 +174,16 @@ def test_resume_on_another_mesh_within_1e6(tiny, killed_run):
     mesh = jaxtp.make_mesh("4x2")
     corpus = data.load_corpus("synthetic")
     tc = train.TrainConfig(steps=12, batch_size=8, seq_len=32, lr=3e-3)
-    tr = train.Trainer.create(jaxtp.Transformer.create(tiny, mesh, seed=1), tc)  # other seed: restore must win
+    tr = train.Trainer.create(
+        jaxtp.Transformer.create(tiny, mesh, seed=1), tc
+    )  # other seed: restore must win
     ckpts = checkpoint.TrainCheckpoints(out / "checkpoints")
     step, tr.params, tr.opt_state, meta = ckpts.restore(tr.params, tr.opt_state, step=8)
     ckpts.close()
     assert meta["loss"] == ref[:8]
-    got = [float(tr.train_step(data.train_batch(corpus.train, mesh, 8, 32, 0, i))["loss"]) for i in range(8, 12)]
+    got = [
+        float(tr.train_step(data.train_batch(corpus.train, mesh, 8, 32, 0, i))["loss"]) for i in range(8, 12)
+    ]
     np.testing.assert_allclose(got, ref[8:], rtol=0, atol=1e-6)
 
 

@@ -47,7 +47,9 @@ def test_forward_has_no_all_gather(per_layer):
 def test_forward_backward_four_model_all_reduces_per_layer(per_layer):
     _, bwd, _ = per_layer
     assert bwd["all-reduce@model"]["count"] == 4, bwd
-    assert all(v["count"] == 0 for k, v in bwd.items() if k not in ("all-reduce@model", "all-reduce@data")), bwd
+    assert all(v["count"] == 0 for k, v in bwd.items() if k not in ("all-reduce@model", "all-reduce@data")), (
+        bwd
+    )
 
 
 def test_per_layer_bytes_are_activation_sized(tiny, per_layer):

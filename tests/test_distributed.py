@@ -47,9 +47,15 @@ def two_process_run(tmp_path_factory, tiny):
     corpus = data.load_corpus("synthetic")
     tc = train.TrainConfig(steps=12, batch_size=8, seq_len=32, lr=3e-3)
     tr = train.Trainer.create(jaxtp.Transformer.create(tiny, mesh), tc)
-    losses = [float(tr.train_step(data.train_batch(corpus.train, mesh, 8, 32, 0, i))["loss"]) for i in range(4)]
+    losses = [
+        float(tr.train_step(data.train_batch(corpus.train, mesh, 8, 32, 0, i))["loss"]) for i in range(4)
+    ]
     ckpts = checkpoint.TrainCheckpoints(out / "checkpoints")
-    identity = {"config": tiny.to_dict(), "train": dict(tc.__dict__), "data": corpus.describe()}  # as run.py writes
+    identity = {
+        "config": tiny.to_dict(),
+        "train": dict(tc.__dict__),
+        "data": corpus.describe(),
+    }  # as run.py writes
     ckpts.save(4, tr.params, tr.opt_state, {**identity, "loss": losses})
     ckpts.wait()
     ckpts.close()
@@ -90,13 +96,16 @@ def test_checkpoint_of_two_processes_resumes_in_one(tiny, two_process_run):
     ref = reference_losses(tiny, "2x4", steps=12)
     mesh = jaxtp.make_mesh("2x4")
     tr = train.Trainer.create(
-        jaxtp.Transformer.create(tiny, mesh, seed=1), train.TrainConfig(steps=12, batch_size=8, seq_len=32, lr=3e-3)
+        jaxtp.Transformer.create(tiny, mesh, seed=1),
+        train.TrainConfig(steps=12, batch_size=8, seq_len=32, lr=3e-3),
     )
     ckpts = checkpoint.TrainCheckpoints(out / "checkpoints")
     step, tr.params, tr.opt_state, meta = ckpts.restore(tr.params, tr.opt_state, step=8)
     ckpts.close()
     corpus = data.load_corpus("synthetic")
-    got = [float(tr.train_step(data.train_batch(corpus.train, mesh, 8, 32, 0, i))["loss"]) for i in range(8, 12)]
+    got = [
+        float(tr.train_step(data.train_batch(corpus.train, mesh, 8, 32, 0, i))["loss"]) for i in range(8, 12)
+    ]
     np.testing.assert_allclose(got, ref[8:], rtol=0, atol=1e-5)
 
 

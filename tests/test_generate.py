@@ -119,8 +119,12 @@ def test_variable_lengths_match_naive_per_row_on_2x4(models, prompt, greedy_runs
     model, lengths = models("2x4"), np.array([S, 3, 5, 1])
     before = dict(TRACES)
     garbage = np.where(np.arange(S)[None] < lengths[:, None], prompt, 255)  # padding ids must not matter
-    tokens, logits = jaxtp.generate(model, garbage, NEW, temperature=0, prompt_lengths=lengths, return_logits=True)
-    naive_tokens, naive_logits = naive_greedy(model, prompt * (np.arange(S)[None] < lengths[:, None]), lengths, NEW)
+    tokens, logits = jaxtp.generate(
+        model, garbage, NEW, temperature=0, prompt_lengths=lengths, return_logits=True
+    )
+    naive_tokens, naive_logits = naive_greedy(
+        model, prompt * (np.arange(S)[None] < lengths[:, None]), lengths, NEW
+    )
     np.testing.assert_array_equal(tokens, naive_tokens)
     np.testing.assert_allclose(logits, naive_logits, atol=1e-5, rtol=0)
     assert TRACES["prefill"] == before.get("prefill", 0) and TRACES["decode_step"] == before["decode_step"]
@@ -134,7 +138,9 @@ def test_decode_step_compiles_once(models, prompt):
         jaxtp.generate(model, prompt[:2, :5], 14, temperature=0)  # 13 decode steps
         assert compiled.count("jit(decode_step)") == 1 and compiled.count("jit(prefill)") == 1, compiled
         jaxtp.generate(model, prompt[2:, :5], 14, temperature=0)  # new values, same shapes: nothing compiles
-        jaxtp.generate(model, prompt[:2, :3], 14, temperature=0, cache_len=19)  # new prompt length, same cache
+        jaxtp.generate(
+            model, prompt[:2, :3], 14, temperature=0, cache_len=19
+        )  # new prompt length, same cache
     assert compiled.count("jit(decode_step)") == 1, compiled
     assert compiled.count("jit(prefill)") == 2, compiled  # only the new prompt length
     assert TRACES["decode_step"] - before.get("decode_step", 0) == 1
@@ -174,7 +180,10 @@ def test_eos_pads_with_eos_and_stops_early(models):
 
 def test_cache_is_sharded_by_the_rules_and_donated(models, greedy_runs, prompt):
     greedy_runs("2x4"), greedy_runs("1x8")  # reuse compiled shapes
-    expect = {"2x4": P("data", None, "model", None), "1x8": P(None, None, None, None)}  # 1x8: 4 kv heads replicated
+    expect = {
+        "2x4": P("data", None, "model", None),
+        "1x8": P(None, None, None, None),
+    }  # 1x8: 4 kv heads replicated
     for spec, spec_want in expect.items():
         model = models(spec)
         layout = model.layout
@@ -186,7 +195,10 @@ def test_cache_is_sharded_by_the_rules_and_donated(models, greedy_runs, prompt):
         assert len(caches) == model.cfg.n_layers
         for k, v in caches:
             assert k.shape == v.shape == (B, S + NEW, 4, model.cfg.head_dim)
-            assert k.sharding.is_equivalent_to(want, 4) and v.sharding.is_equivalent_to(want, 4), (spec, k.sharding)
+            assert k.sharding.is_equivalent_to(want, 4) and v.sharding.is_equivalent_to(want, 4), (
+                spec,
+                k.sharding,
+            )
         i32 = lambda x: jax.device_put(np.asarray(x, np.int32), layout.sharding(("batch",)))
         done = jax.device_put(np.zeros(B, bool), layout.sharding(("batch",)))
         out = decode_step(
@@ -218,21 +230,28 @@ def test_two_model_all_reduces_per_layer_per_decode_step(tiny, models):
     )
     per_layer = c2 - c1
     assert {k: v["count"] for k, v in per_layer.items() if v["count"]} == {"all-reduce@model": 2}, per_layer
-    assert per_layer["all-reduce@model"]["bytes"] == 2 * (B // 2) * tiny.d_model * 4  # [B/data, 1, D] f32 each
+    assert (
+        per_layer["all-reduce@model"]["bytes"] == 2 * (B // 2) * tiny.d_model * 4
+    )  # [B/data, 1, D] f32 each
     assert c2.count("all-reduce", "data") == 0
 
 
 @pytest.mark.parametrize(
-    "spec, kv_cache_dtype, kv_block", [("2x4", "int8", 256), ("2x4", None, 4), ("2x4", "int8", 4), ("1x8", "int8", 4)]
+    "spec, kv_cache_dtype, kv_block",
+    [("2x4", "int8", 256), ("2x4", None, 4), ("2x4", "int8", 4), ("1x8", "int8", 4)],
 )
-def test_two_model_all_reduces_per_layer_with_int8_kv_and_the_block_loop(tiny, models, spec, kv_cache_dtype, kv_block):
-    """int8 K/V (quantised at write, dequantised per block) and the decode attention's loop over key blocks
+def test_two_model_all_reduces_per_layer_with_int8_kv_and_the_block_loop(
+    tiny, models, spec, kv_cache_dtype, kv_block
+):
+    """int8 K/V (quantized at write, dequantized per block) and the decode attention's loop over key blocks
     (kv_block=4 on 17 slots: a trip count set by the slot) add no collective; 1x8 replicates the kv heads."""
     mesh = jaxtp.make_mesh(spec)
     one = jaxtp.Transformer.create(tiny.replace(n_layers=1), mesh)
     c1, c2 = (
         jaxtp.hlo.parse_collectives(
-            decode_step_lowered(m, B, S + NEW, kv_cache_dtype=kv_cache_dtype, kv_block=kv_block).compile().as_text(),
+            decode_step_lowered(m, B, S + NEW, kv_cache_dtype=kv_cache_dtype, kv_block=kv_block)
+            .compile()
+            .as_text(),
             mesh,
         )
         for m in (one, models(spec))
@@ -251,7 +270,9 @@ def test_top_k_keeps_exactly_the_k_best():
     logits = jnp.array([[1.0, 5.0, 3.0, 4.0, 2.0], [0.0, 0.0, 0.0, -1.0, 9.0]])
     kept = np.isfinite(np.asarray(jaxtp.filter_logits(logits, top_k=3)))
     np.testing.assert_array_equal(kept, [[0, 1, 1, 1, 0], [1, 1, 0, 0, 1]])  # ties: lower id first
-    np.testing.assert_array_equal(np.asarray(jaxtp.filter_logits(logits, top_k=3))[kept], np.asarray(logits)[kept])
+    np.testing.assert_array_equal(
+        np.asarray(jaxtp.filter_logits(logits, top_k=3))[kept], np.asarray(logits)[kept]
+    )
     assert np.isfinite(np.asarray(jaxtp.filter_logits(logits, top_k=99))).all()
 
 
@@ -300,7 +321,10 @@ def test_seeded_sampling_is_reproducible(models, prompt):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(max_new_tokens=60), r"prompt length 7 \+ max_new_tokens 60 = 67 exceeds the model's max_seq_len=64"),
+        (
+            dict(max_new_tokens=60),
+            r"prompt length 7 \+ max_new_tokens 60 = 67 exceeds the model's max_seq_len=64",
+        ),
         (dict(prompt_tokens_BS=np.zeros((2, 0), np.int32)), "empty prompt"),
         (dict(prompt_lengths=[7, 0, 3, 3]), "empty prompt: row 1"),
         (dict(temperature=-0.5), "temperature must be"),

@@ -87,16 +87,22 @@ def test_finetune_lowers_heldout_loss_and_reports(finetune):
     assert len(r["loss"]) == STEPS and r["loss"][-1] < r["loss"][0]
     assert r["collectives_per_layer"]["all-reduce@model"]["count"] == 4  # the 1-layer variant compiled
     assert r["model"]["tie_embeddings"] and r["model"]["qkv_bias"]
-    assert set(r["eval"]) == {"f32", "bf16", "int8", "w8a8"} and all("bits_per_byte" in v for v in r["eval"].values())
+    assert set(r["eval"]) == {"f32", "bf16", "int8", "w8a8"} and all(
+        "bits_per_byte" in v for v in r["eval"].values()
+    )
     assert isinstance(r["sample"], str) and r["sample"]
 
 
 def test_bits_per_byte_counts_the_bytes_the_targets_cover(finetune, ckpt, text_file):
     _, _, r = finetune
     tok, windows = heldout_windows(ckpt, text_file)
-    n_bytes = sum(len(tok.decode(w[1:]).encode("utf-8")) for w in windows)  # ASCII text: every span decodes whole
+    n_bytes = sum(
+        len(tok.decode(w[1:]).encode("utf-8")) for w in windows
+    )  # ASCII text: every span decodes whole
     f32 = r["eval"]["f32"]
-    assert f32["bits_per_byte"] == pytest.approx(f32["loss"] * windows[:, 1:].size / math.log(2) / n_bytes, rel=1e-9)
+    assert f32["bits_per_byte"] == pytest.approx(
+        f32["loss"] * windows[:, 1:].size / math.log(2) / n_bytes, rel=1e-9
+    )
     assert 1.5 < n_bytes / windows[:, 1:].size < 3  # BPE tokens here are ~2 bytes: not the byte-level formula
 
 
@@ -154,7 +160,9 @@ def test_run_hf_bad_input_is_refused_before_training(ckpt, tmp_path, capsys, ext
 
 
 def test_export_needs_hf(tmp_path, capsys):
-    assert run.main(["--model", "tiny", "--export-hf", str(tmp_path / "x"), "--out", str(tmp_path / "out")]) == 2
+    assert (
+        run.main(["--model", "tiny", "--export-hf", str(tmp_path / "x"), "--out", str(tmp_path / "out")]) == 2
+    )
     assert "--export-hf needs --hf" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
@@ -190,11 +198,14 @@ def test_generate_streams_what_jaxtp_generate_returns(finetune, capsys):
     tok = jaxtp.hf.tokenizer(export)
     ids = tok.apply_chat_template([{"role": "user", "content": "The quick brown fox"}], tokenize=True)
     assert ids[0] == tok.bos_token_id and ids == tok.encode(
-        tok.apply_chat_template([{"role": "user", "content": "The quick brown fox"}]), add_special_tokens=False
+        tok.apply_chat_template([{"role": "user", "content": "The quick brown fox"}]),
+        add_special_tokens=False,
     )  # BOS once, from the template
     model = jaxtp.hf.load(export, jaxtp.make_mesh("1x8"), precision="int8")
     seen = []  # on_token sees every token as it is sampled (generation may stop early after eos: then fewer)
-    out_BT = jaxtp.generate(model, np.asarray([ids]), 24, temperature=0, eos_id=tok.eos_token_ids, on_token=seen.append)
+    out_BT = jaxtp.generate(
+        model, np.asarray([ids]), 24, temperature=0, eos_id=tok.eos_token_ids, on_token=seen.append
+    )
     assert np.array_equal(np.stack(seen, axis=1), out_BT[:, : len(seen)])
     assert np.all(out_BT[:, len(seen) :] == tok.eos_token_id)
     expected = out_BT[0].tolist()
@@ -275,4 +286,6 @@ def test_generate_fakes_devices_and_names_the_meshes_that_work(ckpt):
     )
     assert proc.returncode == 2 and proc.stdout == ""
     err = proc.stderr.strip()
-    assert err.startswith("error: n_heads=8") and "meshes that work" in err and len(err.splitlines()) == 1, err
+    assert err.startswith("error: n_heads=8") and "meshes that work" in err and len(err.splitlines()) == 1, (
+        err
+    )

@@ -158,10 +158,15 @@ BAD = {
         "truncated",
     ),
     "corrupt header": (
-        lambda d: (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json!!!" + b"\x00" * 64),
+        lambda d: (d / "model.safetensors").write_bytes(
+            b"\x10\x00\x00\x00\x00\x00\x00\x00{not json!!!" + b"\x00" * 64
+        ),
         "truncated or corrupt",
     ),
-    "sliding window": (lambda d: set_config(d, sliding_window=64, use_sliding_window=True), "sliding_window=64"),
+    "sliding window": (
+        lambda d: set_config(d, sliding_window=64, use_sliding_window=True),
+        "sliding_window=64",
+    ),
     "rope type": (
         lambda d: set_config(d, rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}),
         "rope_type 'yarn' is not supported",

@@ -61,7 +61,11 @@ def test_greedy_generation_matches_transformers(checkpoints, kind):
 
 @pytest.mark.parametrize(
     "rules,mesh_spec,overrides",
-    [("megatron", "2x4", {"scan_layers": True}), ("megatron-sp", "2x4", {}), ("fsdp", "data=2,fsdp=2,model=2", {})],
+    [
+        ("megatron", "2x4", {"scan_layers": True}),
+        ("megatron-sp", "2x4", {}),
+        ("fsdp", "data=2,fsdp=2,model=2", {}),
+    ],
 )
 def test_other_strategies_match_transformers(checkpoints, rules, mesh_spec, overrides):
     """Every new weight (tied table, biases, qk-norm scales) carries logical names, so every preset places it."""

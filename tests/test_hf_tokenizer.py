@@ -274,7 +274,9 @@ def ckpts(tmp_path_factory):
     }
     llama.save(str(dirs["llama"] / "tokenizer.json"))
 
-    qwen = _train(QWEN_SPECIALS, QWEN2_SPLIT, normalizers.NFC())  # Qwen2Tokenizer rebuilds exactly these parts
+    qwen = _train(
+        QWEN_SPECIALS, QWEN2_SPLIT, normalizers.NFC()
+    )  # Qwen2Tokenizer rebuilds exactly these parts
     qwen.post_processor = processors.ByteLevel(trim_offsets=False)
     im_end, endoftext = qwen.token_to_id("<|im_end|>"), qwen.token_to_id("<|endoftext|>")
     dirs["qwen"] = _write(
@@ -292,7 +294,11 @@ def ckpts(tmp_path_factory):
                 "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
             },
             "chat_template.jinja": QWEN2_TEMPLATE,
-            "config.json": {"model_type": "qwen2", "vocab_size": qwen.get_vocab_size(), "eos_token_id": endoftext},
+            "config.json": {
+                "model_type": "qwen2",
+                "vocab_size": qwen.get_vocab_size(),
+                "eos_token_id": endoftext,
+            },
             "generation_config.json": {"eos_token_id": [im_end, endoftext], "pad_token_id": endoftext},
         },
     )
@@ -307,7 +313,10 @@ def ckpts(tmp_path_factory):
                 "tokenizer_class": "PreTrainedTokenizerFast",
                 "chat_template": [
                     {"name": "default", "template": LEGACY_TEMPLATE},
-                    {"name": "tool_use", "template": "{{ tools | tojson }}|{{ messages | length }}|{{ pad_token }}"},
+                    {
+                        "name": "tool_use",
+                        "template": "{{ tools | tojson }}|{{ messages | length }}|{{ pad_token }}",
+                    },
                 ],
             },
             "special_tokens_map.json": {
@@ -355,9 +364,12 @@ def test_encode_decode_match_transformers(pairs, name):
         assert ours.decode(ids) == hf.decode(ids), text
         assert ours.decode(ids, skip_special_tokens=True) == hf.decode(ids, skip_special_tokens=True), text
         offset_ids, offsets = ours.encode_with_offsets(text)
-        assert offset_ids == hf.encode(text, add_special_tokens=False) and len(offsets) == len(offset_ids), text
+        assert offset_ids == hf.encode(text, add_special_tokens=False) and len(offsets) == len(offset_ids), (
+            text
+        )
         assert offsets == [
-            tuple(o) for o in hf(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+            tuple(o)
+            for o in hf(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
         ], text
     every_id = list(range(ours.vocab_size))  # lone byte-level pieces decode to U+FFFD in both
     assert ours.decode(every_id) == hf.decode(every_id)
@@ -378,7 +390,9 @@ def test_llama_adds_bos_and_reads_eos_list(pairs, ckpts):
 def test_eos_fallbacks(pairs, ckpts):
     qwen, legacy = pairs["qwen"][0], pairs["legacy"][0]
     assert qwen.eos_token_ids == [qwen.encode("<|im_end|>")[0], qwen.encode("<|endoftext|>")[0]]
-    assert legacy.eos_token_ids == [legacy.encode("<|end_of_text|>", add_special_tokens=False)[0]]  # config.json
+    assert legacy.eos_token_ids == [
+        legacy.encode("<|end_of_text|>", add_special_tokens=False)[0]
+    ]  # config.json
     bare = tokenizer(ckpts["bare"])  # only tokenizer_config.json's eos_token, here an AddedToken dict
     assert bare.eos_token == "<|eot_id|>" and bare.eos_token_ids == [bare.encode("<|eot_id|>", False)[0]]
 
@@ -388,13 +402,19 @@ def test_eos_fallbacks(pairs, ckpts):
 def test_chat_template_matches_transformers(pairs, name, chat):
     ours, hf = pairs[name]
     messages, kwargs = (TOOL_CHAT, {"tools": TOOLS}) if chat == "tools" else (CHATS[chat], {})
-    if name == "llama" and chat == "tools":  # Llama's template takes no tool messages; date_string is a template kwarg
+    if (
+        name == "llama" and chat == "tools"
+    ):  # Llama's template takes no tool messages; date_string is a template kwarg
         messages, kwargs = CHATS["plain"][1:], {"tools": TOOLS, "date_string": "01 Jan 2025"}
     for gen_prompt in (True, False):
         text = ours.apply_chat_template(messages, add_generation_prompt=gen_prompt, **kwargs)
-        assert text == hf.apply_chat_template(messages, add_generation_prompt=gen_prompt, tokenize=False, **kwargs)
+        assert text == hf.apply_chat_template(
+            messages, add_generation_prompt=gen_prompt, tokenize=False, **kwargs
+        )
         ids = ours.apply_chat_template(messages, add_generation_prompt=gen_prompt, tokenize=True, **kwargs)
-        assert ids == hf.apply_chat_template(messages, add_generation_prompt=gen_prompt, return_dict=False, **kwargs)
+        assert ids == hf.apply_chat_template(
+            messages, add_generation_prompt=gen_prompt, return_dict=False, **kwargs
+        )
         assert ids == ours.encode(text, add_special_tokens=False)
     if name == "llama":  # the template writes BOS itself; tokenize=True must not add a second one
         assert ids.count(ours.bos_token_id) == 1
@@ -405,7 +425,9 @@ def test_named_templates_and_raise_exception(pairs):
     messages = CHATS["plain"]
     assert ours.apply_chat_template(messages) == hf.apply_chat_template(messages, tokenize=False)
     tool_use = ours.apply_chat_template(messages, tools=TOOLS)  # tools pick the "tool_use" template
-    assert tool_use == hf.apply_chat_template(messages, tools=TOOLS, tokenize=False) and tool_use.endswith("|4|<|pad|>")
+    assert tool_use == hf.apply_chat_template(messages, tools=TOOLS, tokenize=False) and tool_use.endswith(
+        "|4|<|pad|>"
+    )
     llama, _ = pairs["llama"]
     with pytest.raises(jinja2.exceptions.TemplateError, match="roles must be user, assistant or ipython"):
         llama.apply_chat_template([{"role": "robot", "content": "beep"}])

@@ -52,7 +52,9 @@ def prompt():
 
 
 def run(model, prompt_BS, **kw):
-    return jaxtp.generate(model, prompt_BS, NEW, temperature=0, prompt_lengths=LENGTHS, return_logits=True, **kw)
+    return jaxtp.generate(
+        model, prompt_BS, NEW, temperature=0, prompt_lengths=LENGTHS, return_logits=True, **kw
+    )
 
 
 def assert_close_greedy(tokens, logits, ref_tokens, ref_logits, tol):
@@ -63,8 +65,12 @@ def assert_close_greedy(tokens, logits, ref_tokens, ref_logits, tol):
         tie = np.flatnonzero(top2[b, :, 1] - top2[b, :, 0] < 2 * tol)
         split = np.flatnonzero(tokens[b] != ref_tokens[b])
         split = split[0] if len(split) else tokens.shape[1] - 1
-        assert split >= (tie[0] if len(tie) else tokens.shape[1] - 1), f"row {b}: diverged at {split}, no near-tie"
-        np.testing.assert_allclose(logits[b, : split + 1], ref_logits[b, : split + 1], atol=tol, err_msg=f"row {b}")
+        assert split >= (tie[0] if len(tie) else tokens.shape[1] - 1), (
+            f"row {b}: diverged at {split}, no near-tie"
+        )
+        np.testing.assert_allclose(
+            logits[b, : split + 1], ref_logits[b, : split + 1], atol=tol, err_msg=f"row {b}"
+        )
 
 
 # ---------------------------------------------------------------------------- decode attention alone
@@ -89,14 +95,21 @@ def test_decode_attention_equals_full_attention_over_the_prefix(slot):
 
     k8, v8 = kv_cache.quantize(k_BTKH), kv_cache.quantize(v_BTKH)
     want8 = attend(
-        q_B1NH, kv_cache.dequantize(k8), kv_cache.dequantize(v8), (slot - offset_B)[:, None], k_pos_BT, k_pos_BT >= 0
+        q_B1NH,
+        kv_cache.dequantize(k8),
+        kv_cache.dequantize(v8),
+        (slot - offset_B)[:, None],
+        k_pos_BT,
+        k_pos_BT >= 0,
     )
-    stacked = lambda e: jax.tree.map(lambda x: jnp.stack([jnp.zeros_like(x), x]), e)  # layer 1 of 2, read in place
+    stacked = lambda e: jax.tree.map(
+        lambda x: jnp.stack([jnp.zeros_like(x), x]), e
+    )  # layer 1 of 2, read in place
     got8, _ = kv_cache.decode_attention(q_B1NH, stacked(k8), stacked(v8), slot, offset_B, lead=(1,), block=3)
     np.testing.assert_allclose(got8, want8, atol=1e-5)
 
 
-def test_int8_quantisation_is_symmetric_absmax_per_token_and_head():
+def test_int8_quantization_is_symmetric_absmax_per_token_and_head():
     _, k_BTKH, _ = _random_kv(H=64)
     k8 = kv_cache.quantize(k_BTKH)
     assert k8.q.dtype == jnp.int8 and k8.scale.shape == k_BTKH.shape[:-1]
@@ -120,7 +133,9 @@ def test_decode_reads_only_the_blocks_up_to_the_position(models, prompt):
     for dtype in (None, "int8"):
         tokens, logits = run(model, prompt, cache_len=T, kv_cache_dtype=dtype)
         stats = {}
-        small_tokens, small_logits = run(model, prompt, cache_len=T, kv_cache_dtype=dtype, kv_block=4, stats=stats)
+        small_tokens, small_logits = run(
+            model, prompt, cache_len=T, kv_cache_dtype=dtype, kv_block=4, stats=stats
+        )
         np.testing.assert_array_equal(small_tokens, tokens)
         np.testing.assert_allclose(small_logits, logits, atol=1e-5)
         slots = range(S, S + NEW - 1)  # decode step i writes slot S + i - 1
@@ -143,7 +158,9 @@ def whole_cache_ops(hlo: str, T: int) -> set:
         m = re.match(r"\s*(?:ROOT )?%\S+ = (\w+\[[\d,]*\])\S* ([\w-]+)\(", line)
         if m and re.search(rf"[\[,]{T}[,\]]", m.group(1)):
             op = m.group(2)
-            ops.add(op if op != "fusion" else "fusion:" + roots[re.search(r"calls=%([\w.-]+)", line).group(1)])
+            ops.add(
+                op if op != "fusion" else "fusion:" + roots[re.search(r"calls=%([\w.-]+)", line).group(1)]
+            )
     return ops
 
 
@@ -254,10 +271,14 @@ def int8_runs(models, prompt):
 
 def test_int8_cache_on_every_mesh_and_close_to_float(int8_runs):
     (f32_tokens, f32_logits), (ref, ref_logits) = int8_runs("1x1")
-    assert_close_greedy(ref, ref_logits, f32_tokens, f32_logits, 0.01)  # measured 1.1e-3 on logits within +-0.6
+    assert_close_greedy(
+        ref, ref_logits, f32_tokens, f32_logits, 0.01
+    )  # measured 1.1e-3 on logits within +-0.6
     for spec in ("2x4", "1x8"):
         _, (tokens, logits) = int8_runs(spec)
-        assert_close_greedy(tokens, logits, ref, ref_logits, 1e-4)  # the same int8 values up to a rounding tie
+        assert_close_greedy(
+            tokens, logits, ref, ref_logits, 1e-4
+        )  # the same int8 values up to a rounding tie
 
 
 def test_scanned_model_with_int8_cache(int8_runs, models, prompt):
@@ -295,7 +316,9 @@ def test_int8_cache_compiles_once(models, prompt):
     jaxtp.generate(model, prompt, NEW, temperature=0, kv_cache_dtype="int8")
     before, size = dict(TRACES), compile_count(decode_step)
     jaxtp.generate(model, prompt[::-1], NEW, temperature=0, kv_cache_dtype="int8")
-    jaxtp.generate(model, (prompt + 1) % 256, NEW, temperature=0, kv_cache_dtype="int8", prompt_lengths=LENGTHS)
+    jaxtp.generate(
+        model, (prompt + 1) % 256, NEW, temperature=0, kv_cache_dtype="int8", prompt_lengths=LENGTHS
+    )
     assert dict(TRACES) == before and compile_count(decode_step) == size
 
 
@@ -328,7 +351,9 @@ def trained():
     tc = jaxtp.TrainConfig(steps=TRAIN_STEPS, batch_size=16, seq_len=64, lr=4e-3)
     trainer = jaxtp.Trainer.create(jaxtp.Transformer.create(jaxtp.ModelConfig.preset("small"), mesh), tc)
     for step in range(TRAIN_STEPS):
-        trainer.train_step(jaxtp.data.train_batch(corpus.train, mesh, tc.batch_size, tc.seq_len, tc.seed, step))
+        trainer.train_step(
+            jaxtp.data.train_batch(corpus.train, mesh, tc.batch_size, tc.seq_len, tc.seed, step)
+        )
     starts = jaxtp.data.eval_starts(len(corpus.heldout), 32, 128, max_batches=1)
     return trainer.model, np.stack([corpus.heldout[s : s + 128] for s in starts]).astype(np.int32)
 
@@ -336,7 +361,9 @@ def trained():
 def test_int8_cache_quality_on_a_trained_model(trained):
     """64-byte prompts, 64 greedy bytes each; nll over the windows' last 64 bytes through prefill + decode."""
     model, windows = trained
-    q = kv_cache_quality(model, windows, prompt_len=64, new_tokens=64, kv_cache_dtype="int8", reference="bf16")
+    q = kv_cache_quality(
+        model, windows, prompt_len=64, new_tokens=64, kv_cache_dtype="int8", reference="bf16"
+    )
     assert abs(q["delta_nll"]) <= 2e-3, q
     assert q["step_agreement"] >= 0.98, q
     # Free-running greedy agreement measured 1.0 here, but one flipped near-tie changes the rest of its row (up to
@@ -377,8 +404,12 @@ def test_generate_cli_takes_kv_cache_dtype(tmp_path, capsys):
             == 0
         )
         line = re.search(
-            r"^KV cache: ([\d.,]+) (B|KiB|MiB) per device .*, " + dtype + r"\);", capsys.readouterr().out, re.M
+            r"^KV cache: ([\d.,]+) (B|KiB|MiB) per device .*, " + dtype + r"\);",
+            capsys.readouterr().out,
+            re.M,
         )
         assert line, dtype
-        kv_bytes[dtype] = float(line.group(1).replace(",", "")) * {"B": 1, "KiB": 1024, "MiB": 2**20}[line.group(2)]
+        kv_bytes[dtype] = (
+            float(line.group(1).replace(",", "")) * {"B": 1, "KiB": 1024, "MiB": 2**20}[line.group(2)]
+        )
     assert kv_bytes["int8"] < kv_bytes["auto"] / 2  # int8 + a bf16 scale against f32: (H + 2) / 4H

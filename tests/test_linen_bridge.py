@@ -43,7 +43,9 @@ class LinenModel(nn.Module):
             CFG.vocab_size,
             use_bias=False,
             name="head",
-            kernel_init=nn.with_logical_partitioning(nn.initializers.normal(CFG.init_std), ("embed", "vocab")),
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.normal(CFG.init_std), ("embed", "vocab")
+            ),
         )(h_BSD)
         return h_BSD, logits_BSV
 
@@ -160,7 +162,9 @@ def test_jitted_init_places_params_and_apply_runs_sharded(setup):
     linen = jaxtp.collectives(setup["apply_jit"], setup["variables"], x, pos, mesh=mesh)
     nnx_block = _nnx_block(mesh, seed=0)
     graphdef, state = nnx.split(nnx_block)
-    native = jaxtp.collectives(jax.jit(lambda s, x, p: nnx.merge(graphdef, s)(x, p)), state, x, pos, mesh=mesh)
+    native = jaxtp.collectives(
+        jax.jit(lambda s, x, p: nnx.merge(graphdef, s)(x, p)), state, x, pos, mesh=mesh
+    )
     assert native.summary() == {"all-reduce@model": {"count": 2, "bytes": 32768}}
     # The Linen model adds only its head (vocab-parallel logits, no collective).
     assert linen.summary() == native.summary()
@@ -207,7 +211,9 @@ def test_flax_convention_set_mesh_and_axis_rules(setup):
     assert q.sharding.is_equivalent_to(NamedSharding(mesh, P(None, "model", None)), 3)
     assert {s.data.shape for s in q.addressable_shards} == {(64, 2, 8)}
     for path, leaf in _flat(nn.unbox(block)).items():
-        want = _flat(setup["shardings"]["params"]["block"], is_leaf=lambda s: isinstance(s, NamedSharding))[path]
+        want = _flat(setup["shardings"]["params"]["block"], is_leaf=lambda s: isinstance(s, NamedSharding))[
+            path
+        ]
         assert leaf.sharding.is_equivalent_to(want, leaf.ndim), path
     for path, leaf in _flat(nn.unbox(block)).items():
         np.testing.assert_array_equal(leaf, _flat(nn.unbox(setup["variables"]["params"]["block"]))[path])

@@ -94,7 +94,12 @@ def test_compiled_init_never_builds_a_full_sharded_weight(tiny):
         with nnx.use_eager_sharding(False):
             return nnx.state(jaxtp.Transformer(tiny, layout=layout, rngs=nnx.Rngs(0)))
 
-    text = jax.jit(init, out_shardings=shardings).lower().compile({"xla_backend_optimization_level": 0}).as_text()
+    text = (
+        jax.jit(init, out_shardings=shardings)
+        .lower()
+        .compile({"xla_backend_optimization_level": 0})
+        .as_text()
+    )
     full = {
         "q": f"[{tiny.D},{tiny.N},{tiny.H}]",
         "gate": f"[{tiny.D},{tiny.F}]",
@@ -105,7 +110,9 @@ def test_compiled_init_never_builds_a_full_sharded_weight(tiny):
     local = f"[{tiny.D},{tiny.F // 4}]"
     assert local in text  # the per-shard shapes are there...
     for name, shape in full.items():
-        assert re.search(r"[a-z0-9]+" + re.escape(shape), text) is None, f"full {name} weight {shape} in init HLO"
+        assert re.search(r"[a-z0-9]+" + re.escape(shape), text) is None, (
+            f"full {name} weight {shape} in init HLO"
+        )
 
 
 def test_causality(tiny, model_1x8):

@@ -22,7 +22,11 @@ B, S = 8, 16  # global batch and sequence length of every compiled check (blockw
 # Blockwise attention over several blocks: 128 positions in blocks of 16 (8 x 8 block pairs, 36 live).
 S_BLOCKWISE = 128
 BLOCKWISE = {"attention": "blockwise", "attention_block": 16, "max_seq_len": S_BLOCKWISE}
-SETUPS = {"tiny": ("tiny", {}, S), "small": ("small", {}, S), "tiny-blockwise": ("tiny", BLOCKWISE, S_BLOCKWISE)}
+SETUPS = {
+    "tiny": ("tiny", {}, S),
+    "small": ("small", {}, S),
+    "tiny-blockwise": ("tiny", BLOCKWISE, S_BLOCKWISE),
+}
 # Each case costs one sharded init and one train-step compile (~5-10 s on 2 cores). tiny covers the four
 # mesh shapes plus 1x8 (4 kv heads replicated over 8 ranks); small (4 layers, N = K) runs on 2x4 by
 # default, on all four meshes with JAXTP_FULL_PLAN_TESTS=1 (all pass; numbers in experiments/plans.md);
@@ -61,7 +65,9 @@ def measured():
         if (name, spec) not in cache:
             cfg, seq_len = setup(name)
             mesh = jaxtp.make_mesh(spec)
-            trainer = Trainer.create(jaxtp.Transformer.create(cfg, mesh), TrainConfig(batch_size=B, seq_len=seq_len))
+            trainer = Trainer.create(
+                jaxtp.Transformer.create(cfg, mesh), TrainConfig(batch_size=B, seq_len=seq_len)
+            )
             tokens = batch_tokens(mesh, batch=B, seq=seq_len + 1)
             # LLVM -O0 only changes the machine code: XLA's HLO passes (partitioner, all-reduce combiner,
             # scheduler) and buffer assignment run first and give the same HLO and memory analysis as the
@@ -179,7 +185,9 @@ def test_comm_bound_ratio_and_warning():
     p70 = jaxtp.plan("70b", "1x8", batch_size=8, seq_len=4096, hardware="h100")
     assert p70.time["comm_bound_ratio_megatron"] == pytest.approx(11.88 / 7, rel=0.01)
     p7 = jaxtp.plan("7b", "1x8", batch_size=8, seq_len=4096, hardware="h100")
-    assert p7.time["comm_bound_ratio_megatron"] < 1  # by Megatron's formula; ours is near 1 (fused q/k/v, gate/up)
+    assert (
+        p7.time["comm_bound_ratio_megatron"] < 1
+    )  # by Megatron's formula; ours is near 1 (fused q/k/v, gate/up)
     assert 0.8 < p7.comm_bound_ratio < 1.5
     p7x = jaxtp.plan("7b", "1x16", batch_size=8, seq_len=4096, hardware="h100")
     assert p7x.comm_bound_ratio < p7.comm_bound_ratio / 5
@@ -221,7 +229,9 @@ def test_attention_implementation_is_planned(tiny):
     assert plan(long.replace(compute_dtype="bfloat16"), 1024, "h100").setting["attention"] == "cudnn"
     assert plan(long, 1024, "h100").setting["attention"] == "blockwise"  # cuDNN runs half precision only
     cudnn_on_tpu = plan(long.replace(attention="cudnn", compute_dtype="bfloat16"), 1024, "tpu-v5p")
-    assert cudnn_on_tpu.setting["attention"] == "blockwise" and any("cudnn" in w for w in cudnn_on_tpu.warnings)
+    assert cudnn_on_tpu.setting["attention"] == "blockwise" and any(
+        "cudnn" in w for w in cudnn_on_tpu.warnings
+    )
     blockwise, xla = long.replace(attention="blockwise"), long.replace(attention="xla")
     act = lambda cfg, S: plan(cfg, S).memory["activations"]
     assert act(blockwise, 2048) == 2 * act(blockwise, 1024)
@@ -241,7 +251,12 @@ def test_hardware_presets_cite_sources():
 def test_remat_without_scan_warns(tiny):
     """XLA:CPU frees little with an unrolled model's remat (README table): the planner says so."""
     unrolled = jaxtp.plan(tiny, "2x4", batch_size=8, seq_len=64, hardware="cpu", remat="full")
-    scanned = jaxtp.plan(tiny.replace(scan_layers=True), "2x4", batch_size=8, seq_len=64, hardware="cpu", remat="full")
+    scanned = jaxtp.plan(
+        tiny.replace(scan_layers=True), "2x4", batch_size=8, seq_len=64, hardware="cpu", remat="full"
+    )
     assert any("scan_layers=True" in w for w in unrolled.warnings)
     assert not any("scan_layers" in w for w in scanned.warnings)
-    assert scanned.memory["temp"] < jaxtp.plan(tiny, "2x4", batch_size=8, seq_len=64, hardware="cpu").memory["temp"]
+    assert (
+        scanned.memory["temp"]
+        < jaxtp.plan(tiny, "2x4", batch_size=8, seq_len=64, hardware="cpu").memory["temp"]
+    )

@@ -25,7 +25,7 @@ def forward(model, tokens):
     return jax.jit(lambda s, t: nnx.merge(graphdef, s)(t[:, :-1]))(state, tokens)
 
 
-def quantised_modules(model):
+def quantized_modules(model):
     return [(p, m) for p, m in nnx.iter_modules(model) if isinstance(m, (jaxtp.Linear, jaxtp.Embed))]
 
 
@@ -80,18 +80,22 @@ def test_input_model_untouched(model24, casts24):
     assert q.quant_mode is None and q.scale is None
     assert model24.cfg.param_dtype == "float32"
     assert quant.precision_of(model24) == "f32"
-    assert {p: quant.precision_of(m) for p, m in casts24.items()} == {"bf16": "bf16", "int8": "int8", "w8a8": "w8a8"}
+    assert {p: quant.precision_of(m) for p, m in casts24.items()} == {
+        "bf16": "bf16",
+        "int8": "int8",
+        "w8a8": "w8a8",
+    }
 
 
 def test_cast_of_int8_model(casts24):
     """int8 <-> w8a8 switches the compute mode and keeps the same int8 arrays; back to float raises."""
     int8 = casts24["int8"]
     for p in ("f32", "bf16"):
-        with pytest.raises(ValueError, match="already quantised"):
+        with pytest.raises(ValueError, match="already quantized"):
             jaxtp.cast(int8, p)
     w8a8 = jaxtp.cast(int8, "w8a8")
-    assert all(m.quant_mode == "w8a8" for _, m in quantised_modules(w8a8))
-    assert all(m.quant_mode == "int8" for _, m in quantised_modules(int8))
+    assert all(m.quant_mode == "w8a8" for _, m in quantized_modules(w8a8))
+    assert all(m.quant_mode == "int8" for _, m in quantized_modules(int8))
     a, b = flat(int8), flat(w8a8)
     for path in a:
         np.testing.assert_array_equal(np.asarray(a[path][...]), np.asarray(b[path][...]))
@@ -102,7 +106,7 @@ def test_bf16_storage_and_compute(casts24):
     m = casts24["bf16"]
     assert m.cfg.param_dtype == "bfloat16" and m.cfg.compute_dtype == "bfloat16"
     assert all(v[...].dtype == jnp.bfloat16 for v in flat(m).values())
-    assert all(mod.compute_dtype == jnp.bfloat16 for _, mod in quantised_modules(m))
+    assert all(mod.compute_dtype == jnp.bfloat16 for _, mod in quantized_modules(m))
 
 
 # ------------------------------------------------------------------------------- placement & memory
@@ -154,7 +158,10 @@ def test_bytes_per_device_small(mesh24):
         per_device[precision] = jaxtp.param_table(m).bytes_per_device
         whole[precision] = sum(v[...].nbytes for v in flat(m).values())
         assert per_device[precision] == sum(
-            s.data.nbytes for v in flat(m).values() for s in v[...].addressable_shards if s.device == jax.devices()[0]
+            s.data.nbytes
+            for v in flat(m).values()
+            for s in v[...].addressable_shards
+            if s.device == jax.devices()[0]
         )
     assert per_device["bf16"] <= 0.51 * per_device["f32"]
     assert whole["bf16"] <= 0.51 * whole["f32"]
@@ -172,7 +179,7 @@ def test_bytes_per_device_small(mesh24):
 # ------------------------------------------------------------------------------ int8 numerics
 
 
-def test_quantisation_error_within_half_a_step(model24, casts24):
+def test_quantization_error_within_half_a_step(model24, casts24):
     base, got = flat(model24), flat(casts24["int8"])
     for path, var in base.items():
         if path.endswith("norm/scale"):
@@ -189,7 +196,7 @@ def test_quantisation_error_within_half_a_step(model24, casts24):
 
 
 def test_zero_channel_gives_no_nan_unsharded(unsharded):
-    """A model built without a layout casts too; an all-zero channel quantises to zeros, never NaN."""
+    """A model built without a layout casts too; an all-zero channel quantizes to zeros, never NaN."""
     q, s = quant.quantize(jnp.zeros((4, 3)).at[:, 1].set(jnp.arange(4.0)), axes=(0,))
     assert np.all(np.isfinite(np.asarray(s))) and np.all(np.asarray(s) > 0)
     np.testing.assert_array_equal(np.asarray(q)[:, 0], 0)
@@ -228,8 +235,8 @@ def test_int8_weights_are_not_params(unsharded, tokens24):
     m = jaxtp.cast(unsharded, "int8")
     params = {"/".join(map(str, k)) for k, _ in nnx.to_flat_state(nnx.state(m, nnx.Param))}
     assert params and all(p.endswith("norm/scale") for p in params), params
-    quantised = nnx.state(m, quant.Quantised)
-    assert len(jax.tree.leaves(quantised)) == 2 * len(quantised_modules(m))
+    quantized = nnx.state(m, quant.Quantized)
+    assert len(jax.tree.leaves(quantized)) == 2 * len(quantized_modules(m))
     loss, grads = loss_and_grads(m, np.asarray(tokens24))
     assert np.isfinite(float(loss))
     assert {"/".join(map(str, k)) for k, _ in nnx.to_flat_state(grads)} == params
@@ -247,7 +254,9 @@ def forward_collectives(model, mesh):
 
 @pytest.fixture(scope="module")
 def int8_per_layer(tiny, mesh24, casts24):
-    one, _ = forward_collectives(jaxtp.cast(jaxtp.Transformer.create(tiny.replace(n_layers=1), mesh24), "int8"), mesh24)
+    one, _ = forward_collectives(
+        jaxtp.cast(jaxtp.Transformer.create(tiny.replace(n_layers=1), mesh24), "int8"), mesh24
+    )
     two, text = forward_collectives(casts24["int8"], mesh24)
     return two - one, two, text
 
@@ -293,7 +302,10 @@ def test_precision_report(model24, mesh24):
     assert report["int8"]["bytes_ratio_vs_f32"] < 0.3
     for p in ("bf16", "int8", "w8a8"):
         r = report[p]
-        assert abs(r["delta_vs_f32"]) < 1e-2 and r["top1_agreement"] > 0.9 and 0 <= r["kl_vs_f32"] < 1e-2, (p, r)
+        assert abs(r["delta_vs_f32"]) < 1e-2 and r["top1_agreement"] > 0.9 and 0 <= r["kl_vs_f32"] < 1e-2, (
+            p,
+            r,
+        )
     table = quant.format_precision_report(report)
     assert "w8a8" in table and "nats/byte" in table
     with pytest.raises(ValueError, match="valid precisions"):

@@ -104,7 +104,10 @@ def test_existing_out_is_refused_without_force(smoke, capsys):
         (["--mesh", "16x1"], "needs 16 devices"),
         (["--data", "/nonexistent/file.txt"], "does not exist"),
         (["--batch-size", "7"], "not divisible by the data axis size 2"),
-        (["--seq-len", "-3"], "outside 1..64"),  # a longer one extends a preset's context (--hf: see test_hf_cli)
+        (
+            ["--seq-len", "-3"],
+            "outside 1..64",
+        ),  # a longer one extends a preset's context (--hf: see test_hf_cli)
         (["--steps", "0"], "--steps must be a positive"),
         (["--steps", "-3"], "--steps must be a positive"),
         (["--lr", "0"], "--lr must be > 0"),
@@ -130,10 +133,14 @@ def test_bad_data_files(tmp_path, capsys, content, fragment):
 def test_cli_error_exit_code_in_a_real_process(tmp_path):
     proc = run_cli("--mesh", "3x3", "--out", str(tmp_path / "o"), timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("error: mesh '3x3' needs 9 devices") and "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.strip().startswith("error: mesh '3x3' needs 9 devices") and "Traceback" not in proc.stderr
+    )
 
 
-@pytest.mark.parametrize("flag", [["--processes", "2"], ["--processes=2"], ["--processe", "2"], ["--processe=2"]])
+@pytest.mark.parametrize(
+    "flag", [["--processes", "2"], ["--processes=2"], ["--processe", "2"], ["--processe=2"]]
+)
 def test_processes_is_taken_out_of_the_workers_argv_in_every_spelling(monkeypatch, flag):
     launched = []
     monkeypatch.setattr(jaxtp.cli, "launch_local", lambda argv, n: launched.append((argv, n)) or 0)
@@ -200,7 +207,9 @@ def test_python_m_jaxtp_run_is_the_same_command(tmp_path):
         env=subprocess_env(),
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("error: mesh '3x3' needs 9 devices") and "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.strip().startswith("error: mesh '3x3' needs 9 devices") and "Traceback" not in proc.stderr
+    )
 
 
 def test_out_that_is_a_file_is_one_line(tmp_path, capsys):

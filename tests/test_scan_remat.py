@@ -167,7 +167,12 @@ def test_loop_body_holds_the_per_layer_collectives(scan_cfg, mesh24, copied24):
     layer's 2 model-axis all-reduces; the train step's backward loop has 2 more."""
     graphdef, state = nnx.split(copied24)
     tokens = batch_tokens(mesh24)
-    text = jax.jit(lambda s, t: jaxtp.loss.lm_loss(nnx.merge(graphdef, s), t)).lower(state, tokens).compile().as_text()
+    text = (
+        jax.jit(lambda s, t: jaxtp.loss.lm_loss(nnx.merge(graphdef, s), t))
+        .lower(state, tokens)
+        .compile()
+        .as_text()
+    )
     bodies = loop_bodies(text)
     assert len(bodies) == 1
     assert parse_collectives(bodies[0], mesh24).summary() == {

@@ -123,7 +123,9 @@ def trained(tiny, cases, corpus):
             mesh, model = case["mesh"], case["model"]
             tc = TrainConfig(steps=3, batch_size=B, seq_len=S, warmup_steps=1)
             tr = Trainer.create(model, tc)
-            batches = [data.train_batch(corpus.train, mesh, B, S, 0, 0)] * tc.steps  # one batch: loss must fall
+            batches = [
+                data.train_batch(corpus.train, mesh, B, S, 0, 0)
+            ] * tc.steps  # one batch: loss must fall
             compiled = tr.step_fn.lower(tr.params, tr.opt_state, batches[0]).compile()
             tr.step_fn = compiled  # run exactly the executable whose HLO is inspected
             losses = [float(tr.train_step(b)["loss"]) for b in batches]
@@ -181,7 +183,7 @@ def test_user_table_and_layout_table(tiny):
     layout = jaxtp.Layout.create(tiny, mesh, {**FSDP, "embed": ("data", "fsdp")})
     assert layout.spec(("embed", "mlp")) == jax.sharding.PartitionSpec(("data", "fsdp"), "model")
     assert dict(layout.table())["embed"] == "data+fsdp"
-    assert layout.gathers(("embed", "mlp")) and not layout.gathers(("heads", "head_dim"))
+    assert layout.needs_gather(("embed", "mlp")) and not layout.needs_gather(("heads", "head_dim"))
 
 
 # --------------------------------------------------------------------------------------- invariance
@@ -191,7 +193,9 @@ def test_user_table_and_layout_table(tiny):
 def test_mesh_invariance(cases, reference, preset, spec):
     got = cases(preset, spec)["numbers"]
     for path, p in reference["params"].items():
-        np.testing.assert_array_equal(got["params"][path], p, err_msg=f"{preset} {spec}: {path} not bit-identical")
+        np.testing.assert_array_equal(
+            got["params"][path], p, err_msg=f"{preset} {spec}: {path} not bit-identical"
+        )
     assert rel_err(got["logits"], reference["logits"]) < 1e-5
     assert abs(got["loss"] - reference["loss"]) / abs(reference["loss"]) < 1e-5
     for path, g in reference["grads"].items():
@@ -241,7 +245,9 @@ def test_per_layer_collectives_match_hlo_and_plan(tiny, trained, preset):
     assert {k: v["count"] for k, v in plan.collectives["per_layer"].items() if v["count"]} == per_layer
     # The whole step too: counts per kind and axis equal, bytes within 5% (they agree exactly here).
     step, predicted = two.summary(), plan.collectives["per_step"]
-    assert {k: v["count"] for k, v in predicted.items() if v["count"]} == {k: v["count"] for k, v in step.items()}
+    assert {k: v["count"] for k, v in predicted.items() if v["count"]} == {
+        k: v["count"] for k, v in step.items()
+    }
     for key, v in step.items():
         assert abs(predicted[key]["bytes"] / v["bytes"] - 1) < 0.05, (key, predicted[key], v)
     # XLA:CPU forms no reduce-scatter: sequence parallelism's and ZeRO's run as all-reduce + dynamic-slice.

@@ -26,7 +26,9 @@ def curve(cfg, spec, corpus):
     tr = train.Trainer.create(
         jaxtp.Transformer.create(cfg, mesh), train.TrainConfig(steps=STEPS, batch_size=B, seq_len=S)
     )
-    losses = [float(tr.train_step(data.train_batch(corpus.train, mesh, B, S, 0, i))["loss"]) for i in range(STEPS)]
+    losses = [
+        float(tr.train_step(data.train_batch(corpus.train, mesh, B, S, 0, i))["loss"]) for i in range(STEPS)
+    ]
     return tr, losses
 
 
@@ -57,7 +59,9 @@ def test_train_step_compiles_once(on_2x4):
 
 def test_optimizer_state_sharded_like_params(on_2x4):
     tr, _ = on_2x4
-    specs = {jax.tree_util.keystr(k): v.sharding.spec for k, v in jax.tree_util.tree_leaves_with_path(tr.params)}
+    specs = {
+        jax.tree_util.keystr(k): v.sharding.spec for k, v in jax.tree_util.tree_leaves_with_path(tr.params)
+    }
     adam = tr.opt_state[1][0]  # chain(clip, adamw) -> adamw's ScaleByAdamState
     for moments in (adam.mu, adam.nu):
         for k, v in jax.tree_util.tree_leaves_with_path(moments):
@@ -84,7 +88,9 @@ def test_synthetic_corpus_reaches_its_entropy_floor(tiny, corpus):
     assert ev["loss"] - corpus.entropy_floor < 0.1, (ev, corpus.entropy_floor)
     # Evaluating again (as a run does every N steps) reuses the compiled program: no recompile.
     fn = train.eval_loss_fn(nnx.split(tr.model)[0])
-    assert train.evaluate(tr.model, data.eval_batches(corpus.heldout, mesh, 16, 32, max_batches=2))["loss"] > 0
+    assert (
+        train.evaluate(tr.model, data.eval_batches(corpus.heldout, mesh, 16, 32, max_batches=2))["loss"] > 0
+    )
     assert compile_count(fn) == 1
     assert math.isclose(ev["bits_per_byte"], ev["loss"] / math.log(2))
     assert math.isclose(ev["perplexity"], math.exp(ev["loss"]))

@@ -63,7 +63,9 @@ def batch(mesh, i):
 
 def loss_with_accuracy(model, b):
     logits_BC = model(b["tokens"])
-    return cross_entropy(logits_BC, b["label"]), {"accuracy": jnp.mean(jnp.argmax(logits_BC, -1) == b["label"])}
+    return cross_entropy(logits_BC, b["label"]), {
+        "accuracy": jnp.mean(jnp.argmax(logits_BC, -1) == b["label"])
+    }
 
 
 def loss_only(model, b):
@@ -111,12 +113,16 @@ def test_aux_metrics_are_returned(on_2x4):
 
 def test_adam_moments_sharded_like_params(on_2x4):
     tr = on_2x4[0]
-    specs = {jax.tree_util.keystr(k): v.sharding.spec for k, v in jax.tree_util.tree_leaves_with_path(tr.params)}
+    specs = {
+        jax.tree_util.keystr(k): v.sharding.spec for k, v in jax.tree_util.tree_leaves_with_path(tr.params)
+    }
     assert specs["['head']['kernel'].value"] == P(None, "model")  # the user's head is split, not replicated
     assert any("model" in str(s) for k, s in specs.items() if k.startswith("['block']"))
     adam = tr.opt_state[1][0]  # chain(clip, adamw) -> adamw's ScaleByAdamState
     for moments in (adam.mu, adam.nu):
-        got = {jax.tree_util.keystr(k): v.sharding.spec for k, v in jax.tree_util.tree_leaves_with_path(moments)}
+        got = {
+            jax.tree_util.keystr(k): v.sharding.spec for k, v in jax.tree_util.tree_leaves_with_path(moments)
+        }
         assert got == specs
 
 

@@ -69,8 +69,12 @@ def test_both_paths_give_identical_values_and_placements(both_paths):
             b[path].sharding,
         )
     q = a["blocks/0/attn/q/kernel"]
-    assert q.sharding.spec == P(None, "model", None) and q.sharding.shard_shape(q.shape)[1] == 8 // int(spec[-1])
-    k = a["blocks/0/attn/k/kernel"]  # 4 kv heads: split on 2x4, replicated on 1x8 (checked against the config)
+    assert q.sharding.spec == P(None, "model", None) and q.sharding.shard_shape(q.shape)[1] == 8 // int(
+        spec[-1]
+    )
+    k = a[
+        "blocks/0/attn/k/kernel"
+    ]  # 4 kv heads: split on 2x4, replicated on 1x8 (checked against the config)
     assert k.sharding.spec == (P(None, "model", None) if spec == "2x4" else P(None, None, None))
     assert a["head/kernel"].sharding.spec == P()  # no logical names: replicated
 
@@ -160,7 +164,10 @@ def test_non_causal_encoder_is_mesh_invariant_and_bidirectional():
     mask_BST = np.ones((1, 12, 12), bool)
     mask_BST[..., -1] = False
     np.testing.assert_allclose(
-        np.asarray(one(changed, mask_BST))[:, :-1], np.asarray(one(tokens, mask_BST))[:, :-1], rtol=1e-6, atol=1e-6
+        np.asarray(one(changed, mask_BST))[:, :-1],
+        np.asarray(one(tokens, mask_BST))[:, :-1],
+        rtol=1e-6,
+        atol=1e-6,
     )
 
 
@@ -205,7 +212,9 @@ def test_classifier_trains_alike_on_every_mesh_with_trainer_and_nnx_optimizer():
     tc = train.TrainConfig(steps=4, lr=2e-3, warmup_steps=1)
     rng = np.random.default_rng(0)
     labels = rng.integers(0, CLASSES, (4, 8)).astype(np.int32)  # class c draws its tokens from the c-th third
-    tokens = (labels[..., None] * (256 // CLASSES) + rng.integers(0, 256 // CLASSES, (4, 8, 16))).astype(np.int32)
+    tokens = (labels[..., None] * (256 // CLASSES) + rng.integers(0, 256 // CLASSES, (4, 8, 16))).astype(
+        np.int32
+    )
     loss_fn = lambda model, b: cross_entropy(model(b["tokens"]), b["label"])
 
     @nnx.jit

@@ -117,7 +117,9 @@ def to_hf(cfg: ModelConfig, dtype: str, architecture: str | None = None, extra: 
     if arch not in ARCHITECTURES:
         raise ValueError(f"architecture {arch!r} is not one of {', '.join(ARCHITECTURES)}")
     if cfg.qk_norm != (arch == "Qwen3ForCausalLM") or cfg.qkv_bias != (arch == "Qwen2ForCausalLM"):
-        raise ValueError(f"a model with qk_norm={cfg.qk_norm}, qkv_bias={cfg.qkv_bias} cannot be saved as {arch}")
+        raise ValueError(
+            f"a model with qk_norm={cfg.qk_norm}, qkv_bias={cfg.qkv_bias} cannot be saved as {arch}"
+        )
     rope = {"rope_type": "default", "rope_theta": cfg.rope_theta, **dict(cfg.rope_scaling or ())}
     out = {
         "architectures": [arch],

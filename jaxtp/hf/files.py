@@ -7,9 +7,8 @@ corrupt file fails before anything is allocated.
 
 Weights are read with plain positioned reads (`RowReader`) rather than safetensors' memory-mapped
 `get_slice`: the format is a JSON header followed by each tensor's raw little-endian bytes, so a run of
-rows is one contiguous read into a reused buffer. Measured on a 1 GB bf16 checkpoint cut into 8 shards per
-tensor, reading every shard took 1.4 s through `get_slice` and 0.3 s this way (the memory map faults in
-every page it touches, and a sliced read copies element runs).
+rows is one contiguous read into a reused buffer; a memory map faults in every page it touches and a
+sliced read copies element runs, several times slower (measurements: docs/hf.md).
 """
 
 from __future__ import annotations
@@ -39,9 +38,19 @@ __all__ = [
 
 SINGLE = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-PICKLED = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.pth", "consolidated.00.pth")
+PICKLED = (
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "model.pt",
+    "model.pth",
+    "consolidated.00.pth",
+)
 FLOAT_DTYPES = ("F32", "BF16", "F16")
-NUMPY_DTYPES = {"F32": np.dtype(np.float32), "BF16": np.dtype(ml_dtypes.bfloat16), "F16": np.dtype(np.float16)}
+NUMPY_DTYPES = {
+    "F32": np.dtype(np.float32),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F16": np.dtype(np.float16),
+}
 
 
 class TensorInfo(NamedTuple):
@@ -64,7 +73,9 @@ def resolve(path) -> pathlib.Path:
     if p.is_dir():
         return p
     if p.exists():
-        raise CheckpointError(f"{path} is a file; pass the checkpoint's directory (the one holding config.json)")
+        raise CheckpointError(
+            f"{path} is a file; pass the checkpoint's directory (the one holding config.json)"
+        )
     try:  # an optional dependency, imported only when a hub id is given
         from huggingface_hub import snapshot_download
     except ImportError:
@@ -73,7 +84,9 @@ def resolve(path) -> pathlib.Path:
             "*.safetensors (or install huggingface_hub to resolve hub ids)"
         ) from None
     try:
-        return pathlib.Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.jinja"]))
+        return pathlib.Path(
+            snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.jinja"])
+        )
     except Exception as e:  # network, auth, unknown repo: one line, whatever the hub client raised
         raise CheckpointError(
             f"no checkpoint directory at {path}, and fetching it as a hub id failed "

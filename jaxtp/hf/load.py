@@ -8,11 +8,11 @@ pieces. Nothing is initialised at random and no full-model copy exists: the host
 end up holding plus one tensor's rows in flight. Only addressable devices are read for, so each process
 of a multi-process run reads only its own devices' slices.
 
-precision="int8"/"w8a8" quantises while streaming with the scales `jaxtp.cast` would compute. A kernel's
+precision="int8"/"w8a8" quantizes while streaming with the scales `jaxtp.cast` would compute. A kernel's
 per-output-channel scale is the absmax over its contracted axes; for a row-parallel kernel (o, down)
 those axes are split across devices, so no shard can compute it alone: the scale of each checkpoint row
 (= one output channel) is first computed from the whole tensor, read in row chunks, and every shard is
-then quantised with its channels' scales. The result equals cast(load(..., "f32"), "int8") exactly.
+then quantized with its channels' scales. The result equals cast(load(..., "f32"), "int8") exactly.
 docs/hf.md has the reasoning and the measurements behind these choices.
 """
 
@@ -75,7 +75,9 @@ def load(path, mesh, *, precision: str = "f32", rules=None, max_seq_len: int | N
     abstract = abstract_sharded(build, mesh, layout)
     graphdef, target = nnx.split(abstract)
     flat = nnx.to_flat_state(target)
-    maps = {p: param_map(p, v, cfg) for p, v in flat if not isinstance(v, Int8Scale)}  # a scale reads its kernel
+    maps = {
+        p: param_map(p, v, cfg) for p, v in flat if not isinstance(v, Int8Scale)
+    }  # a scale reads its kernel
     _check(maps, infos, cfg, directory)
     reader = _Reader(files, infos)
     arrays = []
@@ -94,8 +96,8 @@ def load(path, mesh, *, precision: str = "f32", rules=None, max_seq_len: int | N
 def _without_huge_pages():
     """numpy asks the kernel for transparent huge pages for large arrays. Where the kernel compacts memory to
     serve that request (THP defrag "madvise"), the loader's stream of large short-lived shards spent more
-    time in page faults than in copying (1 GB bf16 checkpoint to f32 on 8 CPU devices: 5.4 -> 2.9 s). Off
-    while loading, restored after; a numpy without the switch is left alone."""
+    time in page faults than in copying (measurements: docs/hf.md). Off while loading, restored after; a
+    numpy without the switch is left alone."""
     switch = getattr(np_multiarray, "_set_madvise_hugepage", None)
     before = switch(False) if switch else None
     try:
@@ -123,12 +125,14 @@ def _check(maps, infos, cfg, directory):
         if dtype not in FLOAT_DTYPES:
             raise CheckpointError(
                 f"tensor {name!r} has dtype {dtype}; jaxtp.hf loads float checkpoints "
-                f"({', '.join(FLOAT_DTYPES)}), not pre-quantised ones"
+                f"({', '.join(FLOAT_DTYPES)}), not pre-quantized ones"
             )
     extra = [
         n
         for n in infos
-        if n not in expected and not n.endswith(IGNORED_SUFFIXES) and not (cfg.tie_embeddings and n == "lm_head.weight")
+        if n not in expected
+        and not n.endswith(IGNORED_SUFFIXES)
+        and not (cfg.tie_embeddings and n == "lm_head.weight")
     ]
     if extra:
         raise CheckpointError(
@@ -161,8 +165,8 @@ class _Reader:
         names, tm, stacked = mapping
         shape = tuple(var.shape)
         per_layer = shape[1:] if stacked else shape
-        quantised = isinstance(var, (Int8Weight, Int8Scale))
-        scales = [self.row_scales(n) for n in names] if quantised else None
+        quantized = isinstance(var, (Int8Weight, Int8Scale))
+        scales = [self.row_scales(n) for n in names] if quantized else None
 
         def fill(out, i, index):
             """Layer i's piece at `index` of this parameter, written into `out`."""
@@ -173,7 +177,7 @@ class _Reader:
             if isinstance(var, Int8Weight):
                 s = _scale_array(scales[i], _scale_shape(per_layer, tm))
                 rows = tm.row_axis_dims()
-                _quantise_into(
+                _quantize_into(
                     out,
                     read,
                     index,
@@ -307,8 +311,8 @@ def _as_f32(w) -> np.ndarray:
     return out
 
 
-def _quantise_into(out, read, index, scale, axis: int):
-    """The int8 shard at `index`, read and quantised into `out` a few MB at a time along `axis`, a dimension
+def _quantize_into(out, read, index, scale, axis: int):
+    """The int8 shard at `index`, read and quantized into `out` a few MB at a time along `axis`, a dimension
     of the checkpoint's rows (contiguous in the file, and each chunk's scales are a slice of `scale`). A
     whole shard's f32 temporaries, freed between parameters, left the heap fragmented (int8 peak/final 1.30)."""
     span = index[axis]
@@ -317,12 +321,13 @@ def _quantise_into(out, read, index, scale, axis: int):
         part = slice(r0 - span.start, min(r0 + step, span.stop) - span.start)
         at = tuple(part if d == axis else slice(None) for d in range(out.ndim))
         sub = tuple(
-            slice(span.start + part.start, span.start + part.stop) if d == axis else s for d, s in enumerate(index)
+            slice(span.start + part.start, span.start + part.stop) if d == axis else s
+            for d, s in enumerate(index)
         )
-        out[at] = _quantise(read(sub), scale[at])
+        out[at] = _quantize(read(sub), scale[at])
 
 
-def _quantise(w, scale) -> np.ndarray:
+def _quantize(w, scale) -> np.ndarray:
     """int8 of w with its channels' scales: round-half-even(w / scale) clipped to +-127, as quant.quantize
     computes it, in place on a fresh f32 copy."""
     w = _as_f32(w)

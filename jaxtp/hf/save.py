@@ -8,7 +8,7 @@ written first and the tensors are streamed after it: host memory stays at one te
 `safetensors` library's writers take a whole file's tensors at once. The layout is safetensors' own:
 an 8-byte little-endian header length, the JSON header padded with spaces to 8 bytes, then the data.
 
-Precisions: f32 and bf16 models are written as they are; int8/w8a8 models are dequantised
+Precisions: f32 and bf16 models are written as they are; int8/w8a8 models are dequantized
 (int8 x scale) and written as bf16, since the checkpoint format has no place for jaxtp's scales. The
 output is written into a temporary directory beside `path` and renamed when complete; an existing
 non-empty `path` is refused unless force=True.
@@ -60,14 +60,20 @@ def save(
     """Write `model` (a jaxtp Transformer, any mesh and precision) as a Hugging Face checkpoint at `path`."""
     path = pathlib.Path(path)
     if path.exists() and (not path.is_dir() or any(path.iterdir())) and not force:
-        raise FileExistsError(f"{path} already exists and is not empty; choose a new directory or pass force=True")
+        raise FileExistsError(
+            f"{path} already exists and is not empty; choose a new directory or pass force=True"
+        )
     cfg = model.cfg
     precision = precision_of(model)
     dtype = "bfloat16" if precision in ("bf16", "int8", "w8a8") else "float32"
     tensors = _tensors(model, dtype)
     hf_config = to_hf(cfg, dtype, architecture, extra=_token_ids(tokenizer))
     writer = jax.process_index() == 0
-    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.absolute().parent)) if writer else None
+    tmp = (
+        pathlib.Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.absolute().parent))
+        if writer
+        else None
+    )
     try:
         shards = _shard(tensors, max_shard_bytes)
         for k, names in enumerate(shards):
@@ -117,7 +123,11 @@ def _tensors(model, dtype: str) -> dict:
         names, tm, stacked = param_map(path, var, cfg)
         scale = state.get(path[:-1] + ("scale",)) if isinstance(var, Int8Weight) else None
         for i, name in enumerate(names):
-            out[name] = (tm.hf_shape, _np_dtype(dtype), _fetcher(var, scale, tm, i if stacked else None, dtype))
+            out[name] = (
+                tm.hf_shape,
+                _np_dtype(dtype),
+                _fetcher(var, scale, tm, i if stacked else None, dtype),
+            )
     return dict(sorted(out.items(), key=lambda kv: _order(kv[0])))
 
 
@@ -162,7 +172,11 @@ def _write_file(file, items) -> None:
     header, offset = {"__metadata__": {"format": "pt"}}, 0
     for name, (shape, dt, _) in items:
         n = math.prod(shape) * dt.itemsize
-        header[name] = {"dtype": ST_DTYPES[dt.name], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        header[name] = {
+            "dtype": ST_DTYPES[dt.name],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + n],
+        }
         offset += n
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)

@@ -25,7 +25,11 @@ __all__ = ["Tokenizer", "tokenizer"]
 
 # transformers' named special tokens; other `*_token` keys in tokenizer_config.json join them as template variables.
 NAMED = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # names transformers copies a message's reasoning to
+REASONING_FIELDS = (
+    "reasoning_content",
+    "thinking",
+    "reasoning",
+)  # names transformers copies a message's reasoning to
 SAVE_FIX = "jaxtp reads fast tokenizers only: save one with transformers' tokenizer.save_pretrained(dir)"
 
 
@@ -69,7 +73,9 @@ class _TemplateNamespace(jinja2.utils.Namespace):
     @staticmethod
     def _check(name):
         if isinstance(name, str) and name.startswith("_"):
-            raise jinja2.exceptions.SecurityError(f"chat templates cannot set underscore attributes ({name!r})")
+            raise jinja2.exceptions.SecurityError(
+                f"chat templates cannot set underscore attributes ({name!r})"
+            )
 
 
 class _Generation(jinja2.ext.Extension):
@@ -99,7 +105,9 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 def _compile(source: str) -> jinja2.Template:
     """Compile in the sandbox with transformers' options, extensions, filters and globals."""
     if tuple(int(p) for p in jinja2.__version__.split(".")[:3] if p.isdigit()) < (3, 1, 6):
-        raise ImportError(f"jinja2 {jinja2.__version__} has known sandbox escapes; pip install -U 'jinja2>=3.1.6'")
+        raise ImportError(
+            f"jinja2 {jinja2.__version__} has known sandbox escapes; pip install -U 'jinja2>=3.1.6'"
+        )
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
     )
@@ -136,7 +144,9 @@ def _message(message: dict) -> dict:
         raise TypeError(f"chat messages must be dicts, got {message!r}")
     message = {k: v for k, v in message.items() if v is not None}
     reasoning = next((message[k] for k in REASONING_FIELDS if message.get(k) is not None), None)
-    return message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
+    return (
+        message if reasoning is None else {"thinking": reasoning, **message, "reasoning_content": reasoning}
+    )
 
 
 class Tokenizer:
@@ -145,7 +155,9 @@ class Tokenizer:
     def __init__(self, path):
         path = pathlib.Path(path)
         if not path.is_dir():
-            raise FileNotFoundError(f"{path} is not a directory; pass a Hugging Face checkpoint's local directory")
+            raise FileNotFoundError(
+                f"{path} is not a directory; pass a Hugging Face checkpoint's local directory"
+            )
         if not (path / "tokenizer.json").is_file():
             only_spm = " (only a sentencepiece tokenizer.model)" * (path / "tokenizer.model").is_file()
             raise FileNotFoundError(f"{path} has no tokenizer.json{only_spm}; {SAVE_FIX}")
@@ -154,7 +166,9 @@ class Tokenizer:
         self._tok.no_truncation()  # transformers encodes without the truncation/padding a tokenizer.json may carry
         self._tok.no_padding()
         cfg = _json(path / "tokenizer_config.json")
-        if "added_tokens_decoder" not in cfg:  # transformers reads the legacy special_tokens_map.json only then
+        if (
+            "added_tokens_decoder" not in cfg
+        ):  # transformers reads the legacy special_tokens_map.json only then
             cfg = {**cfg, **_json(path / "special_tokens_map.json")}
         self._tok.encode_special_tokens = bool(cfg.get("split_special_tokens", False))
         self.special_tokens = {
@@ -175,14 +189,17 @@ class Tokenizer:
         # transformers skips clean_up_tokenization_spaces for BPE, where it would eat real spaces before punctuation.
         is_bpe = type(self._tok.model).__name__ == "BPE"
         self._clean_up = bool(cfg.get("clean_up_tokenization_spaces", False)) and (
-            not is_bpe or cfg.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
+            not is_bpe
+            or cfg.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False)
         )
         self.chat_templates = self._chat_templates(cfg)
         eos = _json(path / "generation_config.json").get("eos_token_id")
         eos = _json(path / "config.json").get("eos_token_id") if eos is None else eos
         if eos is None and self.eos_token is not None:
             eos = self._tok.token_to_id(self.eos_token)
-        self.eos_token_ids: list[int] = [int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None]
+        self.eos_token_ids: list[int] = [
+            int(e) for e in (eos if isinstance(eos, list) else [eos]) if e is not None
+        ]
 
     def _chat_templates(self, cfg) -> dict[str, str]:
         """name -> template; chat_template.jinja and additional_chat_templates/*.jinja win over the config entry."""
@@ -199,8 +216,12 @@ class Tokenizer:
     bos_token = property(lambda self: self.special_tokens.get("bos_token"))
     eos_token = property(lambda self: self.special_tokens.get("eos_token"))
     pad_token = property(lambda self: self.special_tokens.get("pad_token"))
-    bos_token_id = property(lambda self: None if self.bos_token is None else self._tok.token_to_id(self.bos_token))
-    pad_token_id = property(lambda self: None if self.pad_token is None else self._tok.token_to_id(self.pad_token))
+    bos_token_id = property(
+        lambda self: None if self.bos_token is None else self._tok.token_to_id(self.bos_token)
+    )
+    pad_token_id = property(
+        lambda self: None if self.pad_token is None else self._tok.token_to_id(self.pad_token)
+    )
     eos_token_id = property(lambda self: self.eos_token_ids[0] if self.eos_token_ids else None)
     vocab_size = property(lambda self: self._tok.get_vocab_size(with_added_tokens=True))
 
@@ -267,7 +288,9 @@ class Tokenizer:
             raise ValueError("tools must be JSON-schema dicts")
         if documents is not None and not all(isinstance(d, dict) for d in documents):
             raise TypeError("documents must be dicts with 'title' and 'text' keys")
-        variables = _plain({**self.special_tokens, **kwargs})  # kwargs override special tokens, as in transformers
+        variables = _plain(
+            {**self.special_tokens, **kwargs}
+        )  # kwargs override special tokens, as in transformers
         text = _compile(chat_template).render(
             messages=_plain([_message(m) for m in messages]),
             tools=_plain(tools),

@@ -113,7 +113,9 @@ def _tp_forward(cfg: ModelConfig, d: Dims) -> list[Collective]:
         out.append(_tp(d, rs, L, L * BSD * act_b, "MLP down-projection (fwd)", per_layer=True))
     if d.vocab_sharded:
         out.append(_tp(d, "all-reduce", 2, 2 * d.tokens_local * 4, "loss: logsumexp max and sum over vocab"))
-        out.append(_tp(d, "all-reduce", 0, d.tokens_local * 4, "loss: target logit (combined into another op)"))
+        out.append(
+            _tp(d, "all-reduce", 0, d.tokens_local * 4, "loss: target logit (combined into another op)")
+        )
     return out
 
 
@@ -207,7 +209,9 @@ def _sequence_parallel(cfg: ModelConfig, d: Dims) -> list[Collective]:
         ),
     ]
     if d.vocab_sharded:
-        again = d.zero_split(d.params.head) > 1  # the head re-runs under jax.checkpoint to re-gather its weight
+        again = (
+            d.zero_split(d.params.head) > 1
+        )  # the head re-runs under jax.checkpoint to re-gather its weight
         out.append(
             _tp(
                 d,
@@ -354,7 +358,13 @@ def summary(cfg: ModelConfig, items: list[Collective], mesh: MeshShape, hw: Hard
     for c in items:
         _add(per_step, c.key, c.count, c.bytes)
         row = by_axis.setdefault(
-            c.axis, {"count": 0, "bytes": 0, "time_s": 0.0, "link": "intra" if intra_node(mesh, hw, c.axes) else "dcn"}
+            c.axis,
+            {
+                "count": 0,
+                "bytes": 0,
+                "time_s": 0.0,
+                "link": "intra" if intra_node(mesh, hw, c.axes) else "dcn",
+            },
         )
         _add(by_axis, c.axis, c.count, c.bytes)
         row["time_s"] += c.time_s

@@ -258,7 +258,9 @@ def _sequence_parallel_warnings(ms: MeshShape, rules: dict, d: Dims) -> list[str
 
 def _fit_warnings(total: float, hw: Hardware) -> list[str]:
     if total > hw.hbm_bytes:
-        return [f"does not fit: {total / GiB:.1f} GiB per device > {hw.hbm_bytes / GiB:.1f} GiB HBM ({hw.name})"]
+        return [
+            f"does not fit: {total / GiB:.1f} GiB per device > {hw.hbm_bytes / GiB:.1f} GiB HBM ({hw.name})"
+        ]
     if total > 0.9 * hw.hbm_bytes:
         return [
             f"tight: {total / GiB:.1f} GiB of {hw.hbm_bytes / GiB:.1f} GiB HBM; allocator fragmentation and "

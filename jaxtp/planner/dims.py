@@ -188,7 +188,12 @@ def _qkv_stacked_bytes(params: ModelParams, c: int) -> int:
 
 
 def attention_kind(
-    cfg: ModelConfig, seq_len: int, hw: Hardware, params: ModelParams, heads_local: int, kv_heads_projected: int
+    cfg: ModelConfig,
+    seq_len: int,
+    hw: Hardware,
+    params: ModelParams,
+    heads_local: int,
+    kv_heads_projected: int,
 ) -> str:
     """What cfg.attention runs as in a step of seq_len on `hw`: jaxtp.attention.resolve's answer, with cuDNN
     offered where the planned hardware has it (not where this host runs) and the layer would allow it."""

@@ -128,7 +128,7 @@ def backward_working_set(cfg: ModelConfig, d: Dims, logits: int) -> int:
 def decode_memory(cfg: ModelConfig, d: Dims, kv_cache_dtype) -> dict:
     """One decode step: parameters, the KV cache, one layer's working set and the last logits. The working
     set: norms in f32, the SwiGLU hidden, and kv_cache.decode_attention's loop body - one block of keys
-    and values read out of the cache in the compute dtype (an int8 block dequantised) and its f32 scores."""
+    and values read out of the cache in the compute dtype (an int8 block dequantized) and its f32 scores."""
     c, keys = d.compute_itemsize, min(d.seq_len, kv_cache.DECODE_BLOCK)
     attention = 2 * keys * d.kv_heads_local * cfg.H * c + d.heads_local * keys * 4
     act = d.batch_local * (4 * cfg.D * 4 + attention + 3 * d.d_ff_local * c)

@@ -20,31 +20,12 @@ import optax
 from flax import nnx
 
 from ..config import ModelConfig
-from ..model import abstract_model
+from ..model import ParamInfo, abstract_model
 from ..sharding import Layout, resolve_rules, spec_for
+from ..train import TrainConfig, make_optimizer
 from .shapes import MeshShape, axes_of, mesh_shape
 
 __all__ = ["ParamInfo", "ModelParams", "model_params", "param_infos", "optimizer_bytes"]
-
-
-@dataclasses.dataclass(frozen=True)
-class ParamInfo:
-    """One parameter: where it lives and how big it is, globally and on one device."""
-
-    path: str  # "/"-joined nnx path, e.g. "blocks/3/attn/q/kernel"
-    logical: tuple  # its logical axis names (the `out_sharding` metadata)
-    spec: tuple  # per dimension: the tuple of mesh axes it splits over
-    shape: tuple  # global shape
-    local_shape: tuple  # per-device shape (a split that does not divide rounds up)
-    dtype: str
-
-    @property
-    def local_bytes(self) -> int:
-        return math.prod(self.local_shape) * jnp.dtype(self.dtype).itemsize
-
-    @property
-    def sharded_over(self) -> set:
-        return {a for axes in self.spec for a in axes}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +46,9 @@ class ModelParams:
     def expanded(self, n_layers: int) -> list[ParamInfo]:
         """Every parameter of an n_layers model, blocks in order, then the outer ones."""
         return [
-            dataclasses.replace(i, path=self.layer_path(layer, i)) for layer in range(n_layers) for i in self.block
+            dataclasses.replace(i, path=self.layer_path(layer, i))
+            for layer in range(n_layers)
+            for i in self.block
         ] + list(self.outer)
 
     def layer_path(self, layer: int, info: ParamInfo) -> str:
@@ -74,7 +57,9 @@ class ModelParams:
 
 def model_params(cfg: ModelConfig, mesh: MeshShape, rules: dict) -> ModelParams:
     """The parameters of `cfg` on `mesh` under resolved `rules` (cached per config, mesh and table)."""
-    return _model_params(cfg.replace(n_layers=1, scan_layers=False), tuple(mesh.shape.items()), tuple(rules.items()))
+    return _model_params(
+        cfg.replace(n_layers=1, scan_layers=False), tuple(mesh.shape.items()), tuple(rules.items())
+    )
 
 
 @functools.lru_cache(maxsize=64)
@@ -137,8 +122,6 @@ def _optimizer(optimizer) -> optax.GradientTransformation:
     if isinstance(optimizer, optax.GradientTransformation):
         return optimizer
     if optimizer == "adamw":
-        from ..train import TrainConfig, make_optimizer
-
         return make_optimizer(TrainConfig())  # exactly what Trainer uses (moments in the param dtype)
     makers = {
         "adam": lambda: optax.adam(1e-3),
@@ -147,5 +130,7 @@ def _optimizer(optimizer) -> optax.GradientTransformation:
         "lion": lambda: optax.lion(1e-4),
     }
     if optimizer not in makers:
-        raise ValueError(f"unknown optimizer {optimizer!r}; use one of {['adamw', *makers]} or an optax transform")
+        raise ValueError(
+            f"unknown optimizer {optimizer!r}; use one of {['adamw', *makers]} or an optax transform"
+        )
     return makers[optimizer]()

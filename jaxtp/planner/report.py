@@ -20,7 +20,9 @@ def format_seconds(s: float) -> str:
 
 def _table(head, rows) -> list[str]:
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
-    fmt = lambda r: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    fmt = lambda r: "  ".join(
+        str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(r, widths))
+    )
     return [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows)]
 
 
@@ -86,7 +88,14 @@ def _collectives(p) -> list[str]:
     for key, v in c["per_step"].items():
         layer = c["per_layer"].get(key, {"count": 0, "bytes": 0})
         rows.append(
-            (key, layer["count"], format_bytes(layer["bytes"]), v["count"], format_bytes(v["bytes"]), link[key])
+            (
+                key,
+                layer["count"],
+                format_bytes(layer["bytes"]),
+                v["count"],
+                format_bytes(v["bytes"]),
+                link[key],
+            )
         )
     head = ("kind@axis", "per layer", "bytes", "per step", "bytes", "link")
     return ["collectives (bytes = unsharded buffer produced)"] + (_table(head, rows) if rows else ["  none"])
@@ -115,6 +124,10 @@ def _time(p) -> list[str]:
         lines.append(
             f"  TP ratio R = T_{'work' if p.setting['decode'] else 'math'}/T_comm = {p.comm_bound_ratio:.2f} "
             f"({'COMMUNICATION-BOUND' if p.comm_bound else 'not communication-bound'})"
-            + (f"; Megatron forward formula (docs/planner.md section 3) {mega:.2f}" if mega is not None else "")
+            + (
+                f"; Megatron forward formula (docs/planner.md section 3) {mega:.2f}"
+                if mega is not None
+                else ""
+            )
         )
     return lines

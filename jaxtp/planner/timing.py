@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..config import ModelConfig
 from ..hardware import Hardware
+from ..train import train_flops_per_step
 from .collectives import Collective, intra_node
 from .dims import Dims
 from .shapes import MeshShape
@@ -17,7 +18,6 @@ def step_flops(cfg: ModelConfig, d: Dims, batch_size: int, seq_len: int, remat, 
     add padded vocab columns, replicated kv projections (stacked: each query head projects its kv head's
     k/v, N/K times; unstacked: every rank projects all K heads), what a flash kernel skips and recomputes
     (flash_attention_factor) and remat's recomputed forward. Decode: 2*P*B + 4*L*B*S*N*H."""
-    from ..train import train_flops_per_step
 
     matmul_params = cfg.matmul_param_count()
     if decode:
@@ -90,7 +90,9 @@ def step_times(
     if decode:
         predicted = max(t_compute, t_memory) + t_comm
     else:
-        predicted = t_compute + elementwise / hw.hbm_bytes_per_s + t_crit + max(0.0, t_background - 2 / 3 * t_compute)
+        predicted = (
+            t_compute + elementwise / hw.hbm_bytes_per_s + t_crit + max(0.0, t_background - 2 / 3 * t_compute)
+        )
     serial, overlapped = t_compute + t_memory + t_comm, max(t_compute, t_memory, t_comm)
     peak = d.n_devices * hw.flops_per_s
     times = {
@@ -112,7 +114,13 @@ def step_times(
 
 
 def tp_ratio(
-    cfg: ModelConfig, d: Dims, memory: dict, items: list[Collective], mesh: MeshShape, hw: Hardware, decode: bool
+    cfg: ModelConfig,
+    d: Dims,
+    memory: dict,
+    items: list[Collective],
+    mesh: MeshShape,
+    hw: Hardware,
+    decode: bool,
 ) -> tuple[float | None, float | None, list[str]]:
     """(R, Megatron's R, warnings). R = T_math / T_comm of one layer: its TP-sharded matmuls against its
     model-axis collectives. Training uses docs/planner.md section 3's ratio with this step's own
@@ -126,13 +134,17 @@ def tp_ratio(
     tok = d.batch_local * (1 if decode else d.seq_len)
     t_math = (2 if decode else 6) * p_layer * tok / n / hw.flops_per_s
     if decode:
-        layer_bytes = (memory["params"] - 2 * d.vocab_local * cfg.D * d.param_itemsize + memory["kv_cache"]) / cfg.L
+        layer_bytes = (
+            memory["params"] - 2 * d.vocab_local * cfg.D * d.param_itemsize + memory["kv_cache"]
+        ) / cfg.L
         t_math = max(t_math, layer_bytes / hw.hbm_bytes_per_s)
     layer = [c for c in items if c.per_layer and c.axes == d.tp_axes]
     t_comm = sum(c.time_s for c in layer) / cfg.L
     intra = intra_node(mesh, hw, d.tp_axes)
     w, latency = (hw.link_bytes_per_s, hw.latency_s) if intra else (hw.dcn_bytes_per_s, hw.dcn_latency_s)
-    megatron = None if decode else p_layer * w / (2 * d.collective_itemsize * hw.flops_per_s * cfg.D * (n - 1))
+    megatron = (
+        None if decode else p_layer * w / (2 * d.collective_itemsize * hw.flops_per_s * cfg.D * (n - 1))
+    )
     R = t_math / t_comm if t_comm > 0 else None
     warnings = []
     if R is not None and R < 1:
@@ -143,5 +155,7 @@ def tp_ratio(
         )
     slow = [c.what for c in layer if c.count and c.bytes / c.count / c.group / w < latency]
     if slow:
-        warnings.append("latency-bound collectives (per-device message moves in < 1 hop latency): " + ", ".join(slow))
+        warnings.append(
+            "latency-bound collectives (per-device message moves in < 1 hop latency): " + ", ".join(slow)
+        )
     return R, megatron, warnings
