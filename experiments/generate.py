@@ -7,8 +7,11 @@ The same as the console script `jaxtp generate ...` (jaxtp.cli); this script run
 
 import sys
 
-from jaxtp.cli import RULE, sample  # noqa: F401
+from jaxtp.cli import RULE, sample
 from jaxtp.cli import generate_main as main
+from jaxtp.cli import parse_generate_args as parse_args
+
+__all__ = ["RULE", "main", "parse_args", "sample"]  # what tests and users import from this script
 
 if __name__ == "__main__":
     sys.exit(main())
