@@ -80,7 +80,7 @@ def test_kv_replication_on_1x8_matches_unsharded(tiny, model_1x8, reference):
 def test_param_table_totals(tiny, model_1x8):
     table = jaxtp.param_table(model_1x8)
     assert table.total_params == tiny.param_count()
-    assert table.bytes_per_device == sum(r.bytes_per_device for r in table.rows)
+    assert table.bytes_per_device == sum(r.local_bytes for r in table.rows)
     assert "blocks/0/attn/q/kernel" in str(table) and "total:" in str(table)
 
 
