@@ -294,6 +294,10 @@ def summarise(impl, precision, runs, file_bytes) -> dict:
     )
 
 
+def _at_most(check: str, value: float, limit: float) -> dict:
+    return dict(check=check, value=value, limit=limit, status="PASS" if value <= limit else "MISS")
+
+
 def targets(rows: list[dict]) -> list[dict]:
     by = {(r["impl"], r["precision"]): r for r in rows}
     out = []
@@ -301,42 +305,31 @@ def targets(rows: list[dict]) -> list[dict]:
         j, t = by.get(("jaxtp", p)), by.get(("transformers", p))
         if j and t:
             out += [
-                dict(
-                    check=f"{p}: jaxtp seconds <= transformers seconds",
-                    value=j["seconds"],
-                    limit=t["seconds"],
-                    status="PASS" if j["seconds"] <= t["seconds"] else "MISS",
-                ),
-                dict(
-                    check=f"{p}: jaxtp peak growth <= 0.5 x transformers'",
-                    value=j["peak_growth_gb"],
-                    limit=0.5 * t["peak_growth_gb"],
-                    status="PASS" if j["peak_growth_gb"] <= 0.5 * t["peak_growth_gb"] else "MISS",
+                _at_most(f"{p}: jaxtp seconds <= transformers seconds", j["seconds"], t["seconds"]),
+                _at_most(
+                    f"{p}: jaxtp peak growth <= 0.5 x transformers'",
+                    j["peak_growth_gb"],
+                    0.5 * t["peak_growth_gb"],
                 ),
                 # Like for like: every weight resident (transformers' bf16 load maps the file and reads
                 # nothing), and the memory beyond the result (all a loader needs on a host whose devices
                 # are accelerators; on fake CPU devices the result itself is host memory).
-                dict(
-                    check=f"{p}: jaxtp seconds <= transformers' with every weight read",
-                    value=j["ready_s"],
-                    limit=t["ready_s"],
-                    status="PASS" if j["ready_s"] <= t["ready_s"] else "MISS",
+                _at_most(
+                    f"{p}: jaxtp seconds <= transformers' with every weight read", j["ready_s"], t["ready_s"]
                 ),
-                dict(
-                    check=f"{p}: jaxtp memory beyond the result <= 0.5 x transformers'",
-                    value=j["transient_gb"],
-                    limit=0.5 * t["transient_gb"],
-                    status="PASS" if j["transient_gb"] <= 0.5 * t["transient_gb"] else "MISS",
+                _at_most(
+                    f"{p}: jaxtp memory beyond the result <= 0.5 x transformers'",
+                    j["transient_gb"],
+                    0.5 * t["transient_gb"],
                 ),
             ]
     for r in rows:
         if r["impl"] == "jaxtp":
             out.append(
-                dict(
-                    check=f"{r['precision']}: jaxtp peak growth / final bytes <= {RATIO_TARGET}",
-                    value=r["ratio"],
-                    limit=RATIO_TARGET,
-                    status="PASS" if r["ratio"] <= RATIO_TARGET else "MISS",
+                _at_most(
+                    f"{r['precision']}: jaxtp peak growth / final bytes <= {RATIO_TARGET}",
+                    r["ratio"],
+                    RATIO_TARGET,
                 )
             )
     return out
