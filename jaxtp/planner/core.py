@@ -8,13 +8,13 @@ import math
 from ..config import ModelConfig, to_dtype
 from ..hardware import GiB, Hardware, get_hardware
 from ..kv_cache import storage_dtype
-from ..sharding import Indivisible
+from ..sharding import Indivisible, mesh_axes
 from .collectives import decode_collectives, priced, summary, train_collectives
 from .dims import Dims, dims, planned_rules
 from .memory import decode_memory, train_memory
 from .params import ParamInfo, optimizer_bytes
 from .report import format_plan
-from .shapes import MeshShape, axes_of, mesh_shape
+from .shapes import MeshShape, mesh_shape
 from .timing import step_flops, step_times, tp_ratio
 
 __all__ = ["Plan", "plan"]
@@ -143,7 +143,7 @@ def plan(
         "attention": None if decode else d.attention,
         "kv_cache_dtype": str(cache_dtype) if decode else None,
         "kv_heads_replicated": _kv_replicated(cfg, d),
-        "rules": {k: "+".join(axes_of(v)) or None for k, v in rules_resolved.items()},
+        "rules": {k: "+".join(mesh_axes(v)) or None for k, v in rules_resolved.items()},
         "local": {
             "B_l": d.batch_local,
             "N_l": d.heads_local,
@@ -243,7 +243,7 @@ def _setting_warnings(
 
 
 def _sequence_parallel_warnings(ms: MeshShape, rules: dict, d: Dims) -> list[str]:
-    sp_axes = axes_of(rules["act_seq"])
+    sp_axes = mesh_axes(rules["act_seq"])
     if not sp_axes or d.seq_parallel:
         return []
     if d.tp_size < 2 or not set(sp_axes) <= set(d.tp_axes):

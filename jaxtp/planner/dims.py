@@ -14,9 +14,9 @@ import jax
 from .. import attention
 from ..config import ModelConfig, to_dtype
 from ..hardware import Hardware
-from ..sharding import Indivisible, indivisible_axes, resolve_rules, resolve_table
+from ..sharding import Indivisible, indivisible_axes, mesh_axes, resolve_rules, resolve_table
 from .params import ModelParams, ParamInfo, model_params
-from .shapes import MeshShape, axes_of
+from .shapes import MeshShape
 
 __all__ = ["Dims", "planned_rules", "dims", "attention_kind"]
 
@@ -122,8 +122,8 @@ def dims(cfg: ModelConfig, mesh: MeshShape, rules: dict, batch_size: int, seq_le
     params = model_params(cfg, mesh, rules)
     infos = tuple(params.expanded(cfg.L))
     split = lambda name: mesh.split(rules[name])
-    tp_axes = axes_of(rules["mlp"]) or axes_of(rules["heads"]) or axes_of(rules["vocab"])
-    dp_axes = axes_of(rules["batch"])
+    tp_axes = mesh_axes(rules["mlp"]) or mesh_axes(rules["heads"]) or mesh_axes(rules["vocab"])
+    dp_axes = mesh_axes(rules["batch"])
     used = set(tp_axes) | set(dp_axes)
     zero_axes = tuple((a, mesh.shape[a]) for a in dp_axes if any(a in i.sharded_over for i in infos))
     c = to_dtype(cfg.compute_dtype).itemsize
@@ -169,7 +169,7 @@ def dims(cfg: ModelConfig, mesh: MeshShape, rules: dict, batch_size: int, seq_le
 
 def _seq_parallel(mesh: MeshShape, rules: dict, tp_axes: tuple, seq_len: int) -> bool:
     """Sequence parallelism: act_seq over (some of) the TP axes, which divide the sequence."""
-    sp_axes = axes_of(rules["act_seq"])
+    sp_axes = mesh_axes(rules["act_seq"])
     return (
         bool(sp_axes)
         and mesh.split(tp_axes) > 1

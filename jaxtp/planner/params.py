@@ -21,9 +21,9 @@ from flax import nnx
 
 from ..config import ModelConfig
 from ..model import ParamInfo, abstract_model
-from ..sharding import Layout, resolve_rules, spec_for
+from ..sharding import Layout, mesh_axes, resolve_rules, spec_for
 from ..train import TrainConfig, make_optimizer
-from .shapes import MeshShape, axes_of, mesh_shape
+from .shapes import MeshShape, mesh_shape
 
 __all__ = ["ParamInfo", "ModelParams", "model_params", "param_infos", "optimizer_bytes"]
 
@@ -98,7 +98,7 @@ def _param_info(path: tuple, var, mesh: MeshShape, rules: dict) -> ParamInfo:
     names = tuple(var.get_metadata().get("out_sharding") or ())
     where = "/".join(map(str, path))
     spec = spec_for(names, rules, where) if names else jax.sharding.PartitionSpec()
-    spec_axes = tuple(axes_of(s) for s in tuple(spec) + (None,) * (len(value.shape) - len(spec)))
+    spec_axes = tuple(mesh_axes(s) for s in tuple(spec) + (None,) * (len(value.shape) - len(spec)))
     local = tuple(-(-dim // mesh.split(axes)) for dim, axes in zip(value.shape, spec_axes))
     return ParamInfo(where, names, spec_axes, tuple(value.shape), local, str(value.dtype))
 

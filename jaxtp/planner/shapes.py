@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import math
 from typing import Mapping
 
 import numpy as np
 
 from ..mesh import parse_mesh_spec
+from ..sharding import split_size
 
-__all__ = ["MeshShape", "mesh_shape", "axes_of"]
+__all__ = ["MeshShape", "mesh_shape"]
 
 
 class MeshShape:
@@ -26,7 +26,7 @@ class MeshShape:
 
     def split(self, axes) -> int:
         """Devices along `axes` (a rules target: a mesh axis, a tuple of them, or None)."""
-        return math.prod(self.shape.get(a, 1) for a in axes_of(axes))
+        return split_size(axes, self)
 
 
 def mesh_shape(mesh) -> MeshShape:
@@ -36,8 +36,3 @@ def mesh_shape(mesh) -> MeshShape:
     if isinstance(mesh, Mapping):
         return MeshShape(mesh)
     return MeshShape(dict(mesh.shape))
-
-
-def axes_of(target) -> tuple[str, ...]:
-    """A rules target as a tuple of mesh axes: None -> (), "model" -> ("model",)."""
-    return () if target is None else (target,) if isinstance(target, str) else tuple(target)
