@@ -8,6 +8,7 @@ from .generation import filter_logits, generate, sample_logits
 from .hardware import HARDWARE
 from .hlo import Collectives, collectives
 from .layers import MLP, Attention, Block, Embed, Linear, RMSNorm
+from .layout_plot import plot_layout
 from .mesh import make_mesh, parse_mesh_spec, use_cpu_devices
 from .model import Transformer, abstract_model, param_table
 from .planner import Plan, plan
@@ -52,6 +53,7 @@ __all__ = [
     "TrainConfig",
     "Trainer",
     "param_table",
+    "plot_layout",
     "collectives",
     "Collectives",
     "cast",
