@@ -150,6 +150,12 @@ def parse_args(argv=None):
         help="attention section: comma list of S (default 128,...,4096; --quick up to 1024)",
     )
     p.add_argument(
+        "--attention-tokens",
+        type=int,
+        default=None,
+        help="attention section: global tokens per train step at every S (default 8192)",
+    )
+    p.add_argument(
         "--kv-cache-lens",
         type=lambda v: [int(x) for x in v.split(",")],
         help="kv_cache section: comma list of cache lengths (default 512,4096)",

@@ -1,7 +1,7 @@
 """bench.py sections for long context: attention implementations in training, and the int8 KV cache in decode.
 
 attention: one AdamW train step of `--attention-model` (default `small`) on a 1x1 mesh at S = 128 ... 4096
-  with the same global tokens per step (ATTENTION_TOKENS: batch = tokens / S), for attention="xla" and
+  with the same global tokens per step (--attention-tokens, default ATTENTION_TOKENS: batch = tokens / S), for attention="xla" and
   "blockwise". Per row: XLA's temp bytes (compiled.memory_analysis), and the median step time of --repeats
   steps, the two implementations of one S timed alternately (round-robin) so machine noise hits both.
   The summary names the crossover (the first S from which blockwise is faster) and checks the targets:
@@ -45,7 +45,7 @@ def bench_attention(args) -> list[dict]:
     mesh = jaxtp.make_mesh("1x1")
     rows = []
     for S in args.attention_seq_lens or [s for s in ATTENTION_SEQ_LENS if not args.quick or s <= 1024]:
-        batch = max(1, ATTENTION_TOKENS // S)
+        batch = max(1, (args.attention_tokens or ATTENTION_TOKENS) // S)
         cells = []
         for impl in ATTENTION_IMPLS:
             cfg = base.replace(attention=impl, max_seq_len=max(base.max_seq_len, S))

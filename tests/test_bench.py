@@ -175,6 +175,8 @@ def test_long_context_sections_report_ratios_and_targets(capsys):
             "tiny",
             "--attention-seq-lens",
             "128,256",
+            "--attention-tokens",
+            "512",
             "--kv-cache-lens",
             "64",
             "--batch",

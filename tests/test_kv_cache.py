@@ -116,10 +116,31 @@ def test_int8_quantization_is_symmetric_absmax_per_token_and_head():
     scale = kv_cache.unpack(k8.scale)
     assert scale.dtype == jnp.bfloat16  # stored as its uint16 bits
     scale = scale.astype(jnp.float32)
-    assert bool(jnp.all(scale >= jnp.abs(k_BTKH).max(-1) / 127))  # rounded up to bf16: the absmax still fits
+    rotated = kv_cache.rotate(k_BTKH)  # what is quantized: k in the Hadamard basis
+    assert bool(jnp.all(scale >= jnp.abs(rotated).max(-1) / 127))  # rounded up to bf16: the absmax still fits
     assert int(jnp.abs(k8.q).max()) <= 127
-    err = jnp.abs(kv_cache.dequantize(k8) - k_BTKH)
-    assert bool(jnp.all(err <= scale[..., None] / 2 + 1e-7))  # round to nearest on the stored scale
+    err = jnp.abs(k8.q * scale[..., None] - rotated)
+    assert bool(jnp.all(err <= scale[..., None] / 2 + 1e-6))  # round to nearest on the stored scale
+    # back in k's own basis the error's norm per (token, head) is the same (an orthonormal rotation)
+    err_norm = jnp.linalg.norm(kv_cache.dequantize(k8) - k_BTKH, axis=-1)
+    np.testing.assert_allclose(err_norm, jnp.linalg.norm(err, axis=-1), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("H", [1, 8, 32, 64, 80, 96, 128])
+def test_kv_rotation_is_orthonormal_and_its_own_inverse(H):
+    """Block Hadamard over the largest power of two dividing H: R R = I, R = R^T, and entries +-1/sqrt(b)."""
+    R = kv_cache.rotation(H)
+    np.testing.assert_allclose(R @ R, np.eye(H), atol=1e-6)
+    np.testing.assert_array_equal(R, R.T)
+    b = H & -H
+    assert np.allclose(np.abs(R[R != 0]), 1 / np.sqrt(b)) and (R != 0).sum() == H * b
+
+
+def test_kv_rotation_shrinks_an_outlier_channels_absmax():
+    """One channel at 20, the rest standard normal: the rotated absmax (what sets the int8 step) drops well below it."""
+    x = jax.random.normal(jax.random.key(0), (64, 64)).at[:, 3].set(20.0)
+    ratio = jnp.abs(kv_cache.rotate(x)).max(-1) / jnp.abs(x).max(-1)
+    assert float(ratio.max()) < 0.5
 
 
 # ------------------------------------------------------------------------ cost grows with position
@@ -366,10 +387,7 @@ def test_int8_cache_quality_on_a_trained_model(trained):
     )
     assert abs(q["delta_nll"]) <= 2e-3, q
     assert q["step_agreement"] >= 0.98, q
-    # Free-running greedy agreement measured 1.0 here, but one flipped near-tie changes the rest of its row (up to
-    # 64 of the 2048 tokens), so it is asserted with room for one; on the main job's 500-step model over 128
-    # prompts it measured 0.961, and a bf16 cache against an f32 one 0.988.
-    assert q["agreement"] >= 0.95, q
+    assert q["agreement"] >= 0.98, q  # free-running: one flipped near-tie changes the rest of its row
     assert q["greedy_tokens"] == q["nll_tokens"] == 32 * 64
 
 
