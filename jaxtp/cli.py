@@ -15,6 +15,7 @@ input (`user_input` blocks); any other exception is a bug and keeps its tracebac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import math
 import os
@@ -30,6 +31,7 @@ from jaxtp.distributed import ENV, initialize, launch_local, supervise
 from jaxtp.errors import UserError, user_input
 from jaxtp.hf import CheckpointError
 from jaxtp.mesh import parse_mesh_spec
+from jaxtp.profiling import parse_steps
 from jaxtp.quant import PRECISIONS
 
 USER_ERRORS = (UserError, CheckpointError)  # printed as one line, exit status 2
@@ -48,7 +50,10 @@ RUN_DOC = """The main job: train a small tensor-parallel LM on a CPU mesh and re
 Fakes CPU devices when the machine has fewer than the mesh needs, trains on the Python standard
 library's own sources (no download), and prints: mesh and rules, parameter placement and memory per
 device, the compiled step's collectives per layer, loss, speed, precision quality and a sample.
-Writes DIR/report.json and DIR/loss.png.
+Writes DIR/report.json, DIR/loss.png, DIR/layout.png (where every shard lives) and TensorBoard scalars in
+DIR/tensorboard (loss, lr, grad norm, step time, tokens/s and MFU every --log-every steps; each
+precision's held-out loss at the end);
+--profile-steps A:B adds a jax.profiler trace of steps A..B-1 in DIR/profile.
 """
 
 PLAN_DOC = """The analytic plan of one training step (memory, FLOPs, collectives, time, MFU) for a preset or a Hugging
@@ -151,9 +156,16 @@ def parse_run_args(argv=None, prog=None):
     p = argparse.ArgumentParser(
         prog=prog, description=RUN_DOC, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument(
-        "--mesh", default="2x4", help="mesh spec: DATAxMODEL such as 2x4, or data=2,model=4 (default 2x4)"
-    )
+    _model_flags(p.add_argument_group("model and data"))
+    _training_flags(p.add_argument_group("training and sharding"))
+    _output_flags(p.add_argument_group("output, checkpoints and export"))
+    _watch_flags(p.add_argument_group("watching a run"))
+    _process_flags(p.add_argument_group("several processes"))
+    _plan_flags(p.add_argument_group("planning instead of running"))
+    return p.parse_args(argv)
+
+
+def _model_flags(p):
     p.add_argument(
         "--model", default="small", help=f"model preset, one of {sorted(jaxtp.PRESETS)} (default small)"
     )
@@ -163,30 +175,6 @@ def parse_run_args(argv=None, prog=None):
         metavar="DIR",
         help="fine-tune this Hugging Face checkpoint (Llama, Mistral, Qwen2, Qwen3) instead of training "
         "--model from scratch; --data is tokenised with its tokenizer",
-    )
-    p.add_argument(
-        "--export-hf",
-        default=None,
-        metavar="OUT",
-        help="with --hf: write the fine-tuned model and tokenizer to OUT as a Hugging Face checkpoint "
-        "(OUT must not hold files)",
-    )
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: tuned per preset)")
-    p.add_argument("--batch-size", type=int, default=16, help="global batch size in sequences (default 16)")
-    p.add_argument(
-        "--seq-len",
-        type=int,
-        default=None,
-        help="tokens (bytes) per sequence (default: tuned per preset, else its max; --hf: 256 or its max); "
-        "longer than a preset's max_seq_len extends its context",
-    )
-    p.add_argument(
-        "--lr", type=float, default=None, help="peak learning rate of AdamW (default: tuned per preset)"
-    )
-    p.add_argument(
-        "--rules",
-        default="megatron",
-        help=f"sharding rules preset, one of {sorted(jaxtp.RULE_PRESETS)} (default megatron)",
     )
     p.add_argument(
         "--data",
@@ -214,6 +202,32 @@ def parse_run_args(argv=None, prog=None):
         help="per-block rematerialisation: none, full (recompute the block in the backward), dots "
         "(keep projection outputs, recompute attention) (default none)",
     )
+
+
+def _training_flags(p):
+    p.add_argument(
+        "--mesh", default="2x4", help="mesh spec: DATAxMODEL such as 2x4, or data=2,model=4 (default 2x4)"
+    )
+    p.add_argument(
+        "--rules",
+        default="megatron",
+        help=f"sharding rules preset, one of {sorted(jaxtp.RULE_PRESETS)} (default megatron)",
+    )
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: tuned per preset)")
+    p.add_argument("--batch-size", type=int, default=16, help="global batch size in sequences (default 16)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="tokens (bytes) per sequence (default: tuned per preset, else its max; --hf: 256 or its max); "
+        "longer than a preset's max_seq_len extends its context",
+    )
+    p.add_argument(
+        "--lr", type=float, default=None, help="peak learning rate of AdamW (default: tuned per preset)"
+    )
+
+
+def _output_flags(p):
     p.add_argument("--out", default=None, help="output directory (default runs/<timestamp>)")
     p.add_argument("--force", action="store_true", help="reuse an --out directory that holds another run")
     p.add_argument(
@@ -230,13 +244,55 @@ def parse_run_args(argv=None, prog=None):
         help="continue the run in --out DIR from its latest complete checkpoint (same arguments; the mesh may differ)",
     )
     p.add_argument(
-        "--plan",
-        action="store_true",
-        help="print the analytic plan (memory, FLOPs, collectives, time, MFU) for --model (or --hf's "
-        "config.json) on --mesh and exit, as `jaxtp plan` does; allocates nothing, so meshes "
-        "larger than this machine are fine",
+        "--export-hf",
+        default=None,
+        metavar="OUT",
+        help="with --hf: write the fine-tuned model and tokenizer to OUT as a Hugging Face checkpoint "
+        "(OUT must not hold files)",
     )
-    p.add_argument("--hardware", default="h100", help=f"for --plan: {HARDWARE_HELP}")
+    p.add_argument(
+        "--lean",
+        action="store_true",
+        help="skip the report's extra compiles (1-layer collective comparison, precision table, sample): "
+        "for scripted runs that only need training, checkpoints and losses",
+    )
+    p.add_argument(
+        "--sample-len",
+        type=int,
+        default=200,
+        help="bytes (--hf: tokens) to generate for the sample, capped by --seq-len (default 200)",
+    )
+
+
+def _watch_flags(p):
+    p.add_argument(
+        "--log-every",
+        type=int,
+        default=10,
+        metavar="N",
+        help="write the TensorBoard scalars (DIR/tensorboard) every N steps and at the last (default 10)",
+    )
+    p.add_argument(
+        "--no-metrics",
+        action="store_true",
+        help="write no TensorBoard event files (report.json still holds the loss and grad-norm series)",
+    )
+    p.add_argument(
+        "--profile-steps",
+        default=None,
+        metavar="A:B",
+        help="trace steps A..B-1 (0-based) with jax.profiler into DIR/profile (TensorBoard's profile plugin, "
+        "or perfetto_trace.json.gz in the Perfetto UI); those steps are left out of the timing section",
+    )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="print nothing but the output directory (no sections, no progress bar); errors still go to "
+        "stderr and DIR/report.json is still written",
+    )
+
+
+def _process_flags(p):
     p.add_argument(
         "--processes",
         type=int,
@@ -262,19 +318,17 @@ def parse_run_args(argv=None, prog=None):
         default=_env_int(ENV["process_id"]),
         help=f"this process's index, 0..N-1; process 0 writes reports (env {ENV['process_id']})",
     )
+
+
+def _plan_flags(p):
     p.add_argument(
-        "--lean",
+        "--plan",
         action="store_true",
-        help="skip the report's extra compiles (1-layer collective comparison, precision table, sample): "
-        "for scripted runs that only need training, checkpoints and losses",
+        help="print the analytic plan (memory, FLOPs, collectives, time, MFU) for --model (or --hf's "
+        "config.json) on --mesh and exit, as `jaxtp plan` does; allocates nothing, so meshes "
+        "larger than this machine are fine",
     )
-    p.add_argument(
-        "--sample-len",
-        type=int,
-        default=200,
-        help="bytes (--hf: tokens) to generate for the sample, capped by --seq-len (default 200)",
-    )
-    return p.parse_args(argv)
+    p.add_argument("--hardware", default="h100", help=f"for --plan: {HARDWARE_HELP}")
 
 
 def run_main(argv=None, prog=None) -> int:
@@ -419,6 +473,9 @@ def run(args) -> int:
         fail("--resume needs --out DIR (the run to continue)")
     if args.batch_size < 1:
         fail(f"--batch-size must be a positive integer, got {args.batch_size}")
+    if args.log_every < 1:
+        fail(f"--log-every must be a positive integer, got {args.log_every}")
+    profile_steps = parse_steps(args.profile_steps, steps) if args.profile_steps else None
     out = pathlib.Path(args.out or f"runs/{datetime.datetime.now():%Y%m%d-%H%M%S}")
     check_rules(args)
     mesh = setup_devices(args.mesh, args.coordinator, args.num_processes, args.process_id)
@@ -437,7 +494,7 @@ def run(args) -> int:
     from jaxtp.job import TrainingJob
 
     tc = jaxtp.TrainConfig(steps=steps, batch_size=args.batch_size, seq_len=seq_len, lr=lr, seed=args.seed)
-    TrainingJob(
+    job = TrainingJob(
         out,
         cfg,
         tc,
@@ -452,7 +509,17 @@ def run(args) -> int:
         hf=args.hf,
         tokenizer=tokenizer,
         export_hf=args.export_hf,
-    ).run()
+        tensorboard=not args.no_metrics,
+        log_every=args.log_every,
+        profile_steps=profile_steps,
+        progress=not args.quiet,
+    )
+    if not args.quiet:
+        job.run()
+        return 0
+    with open(os.devnull, "w") as devnull, contextlib.redirect_stdout(devnull):
+        job.run()
+    print(out)  # --quiet: the one line, for scripts (the default --out is a new timestamped directory)
     return 0
 
 

@@ -16,12 +16,13 @@ import numpy as np
 from tqdm import tqdm
 
 import jaxtp
-from jaxtp import checkpoint, data, measure, train
+from jaxtp import checkpoint, data, measure, metrics, train
 from jaxtp.errors import UserError, user_input
 from jaxtp.generation import kv_cache_quality
 from jaxtp.hf.config import architecture
 from jaxtp.hf.files import read_json, resolve
 from jaxtp.mesh import describe_mesh
+from jaxtp.profiling import StepProfiler
 from jaxtp.quant import PRECISIONS
 
 SAMPLE_PROMPT = "def "
@@ -42,7 +43,11 @@ def fmt_bytes(n: float) -> str:
 
 class TrainingJob:
     """`hf`: fine-tune that Hugging Face checkpoint (its config is `cfg`) on `corpus` tokenised with `tokenizer`,
-    and write the result to `export_hf` if given; otherwise train `cfg` from scratch on bytes."""
+    and write the result to `export_hf` if given; otherwise train `cfg` from scratch on bytes.
+
+    Every `log_every` steps (and at the last) process 0 writes TensorBoard scalars to DIR/tensorboard unless
+    `tensorboard` is False (jaxtp.metrics). `profile_steps` (A, B): a jax.profiler trace of steps A..B-1 in
+    DIR/profile (jaxtp.profiling), whose step times the timing section leaves out. `progress`: the tqdm bar."""
 
     def __init__(
         self,
@@ -60,6 +65,10 @@ class TrainingJob:
         hf=None,
         tokenizer=None,
         export_hf=None,
+        tensorboard: bool = True,
+        log_every: int = 10,
+        profile_steps: tuple[int, int] | None = None,
+        progress: bool = True,
     ):
         self.out, self.cfg, self.tc, self.mesh, self.corpus, self.sample_len = (
             out,
@@ -72,6 +81,11 @@ class TrainingJob:
         self.checkpoint_every, self.resume, self.rules, self.lean = checkpoint_every, resume, rules, lean
         self.hf, self.tokenizer, self.export_hf = hf, tokenizer, export_hf
         self.unit = "byte" if tokenizer is None else "token"
+        self.tensorboard, self.log_every, self.progress = tensorboard, log_every, progress
+        self.profiler = StepProfiler(out / "profile", *profile_steps) if profile_steps else None
+        if self.profiler and jax.process_index() != 0:  # one trace, of process 0's devices
+            self.profiler = None
+        self.events = metrics.NullWriter()
         self.ckpts = (
             checkpoint.TrainCheckpoints(out / "checkpoints", keep) if checkpoint_every or resume else None
         )
@@ -93,14 +107,26 @@ class TrainingJob:
         if self.hf:  # the checkpoint as loaded: what fine-tuning starts from
             self.report["eval_before"] = self.per_byte(train.evaluate(self.model, self.eval_batches))
         self.trainer = train.Trainer.create(self.model, self.tc)
+        self.grad_norms = []  # per step; device scalars until read (at log steps, checkpoints and the end)
         self.losses = self.restore() if self.resume else []
+        if self.profiler and self.profiler.start < self.trainer.step:
+            raise UserError(
+                f"--profile-steps {self.profiler.start}:{self.profiler.stop} starts before step "
+                f"{self.trainer.step}, where --resume continues; pick A >= {self.trainer.step}"
+            )
         self.compile_and_inspect()
-        self.train()
-        self.evaluate()
-        self.timing()
-        if self.export_hf:
-            self.export()
-        self.write()
+        self.events = metrics.open_writer(self.out / "tensorboard", self.tensorboard)
+        try:
+            self.train()
+            self.evaluate()
+            self.timing()
+            if self.export_hf:
+                self.export()
+            self.write()
+        finally:
+            self.events.close()
+            if self.profiler:
+                self.profiler.close()
 
     def show_layout(self):
         section("devices and mesh")
@@ -148,6 +174,11 @@ class TrainingJob:
             "parameter bytes per device: "
             + ", ".join(f"{k} {fmt_bytes(v)}" for k, v in self.report["bytes_per_device"].items())
         )
+        if jax.process_index() == 0:  # the same placement as a picture (jaxtp.plot_layout)
+            jaxtp.plot_layout(self.model, self.out / "layout.png")
+            print(
+                f"layout picture (which slice of each weight every device holds): {self.out / 'layout.png'}"
+            )
 
     def bytes_by_precision(self, table) -> dict:
         """Per-device bytes of the actual arrays after casting (int8 includes its scales)."""
@@ -173,11 +204,19 @@ class TrainingJob:
                 )
         tr.step = step
         print(f"resumed from step {step} of {self.tc.steps} ({self.ckpts.directory})")
+        self.grad_norms = list(meta.get("grad_norm", [None] * len(meta["loss"])))  # older checkpoints: none
         return list(meta["loss"])
+
+    def grad_norm_series(self) -> list:
+        """The global grad norm of every step so far as floats (None where a resumed checkpoint had none),
+        read from the device in one transfer."""
+        self.grad_norms = [None if g is None else float(g) for g in jax.device_get(self.grad_norms)]
+        return self.grad_norms
 
     def save_checkpoint(self):
         tr = self.trainer
-        self.ckpts.save(tr.step, tr.params, tr.opt_state, {**self.identity(), "loss": self.losses})
+        meta = {**self.identity(), "loss": self.losses, "grad_norm": self.grad_norm_series()}
+        self.ckpts.save(tr.step, tr.params, tr.opt_state, meta)
         self.ckpts.wait()  # a checkpoint counts only once complete; --resume picks the newest complete one
         print(f"checkpoint saved at step {tr.step}", flush=True)
 
@@ -188,6 +227,9 @@ class TrainingJob:
         compiled = tr.step_fn.lower(tr.params, tr.opt_state, batch0).compile()
         self.report["timing"] = {"compile_s": time.perf_counter() - t}
         tr.step_fn = compiled  # run the very executable we inspect: one compile, no surprises
+        if self.profiler:  # the trace names ops (all-reduce.3); the compiled step says what each one is
+            self.profiler.directory.mkdir(parents=True, exist_ok=True)
+            (self.profiler.directory / "train_step.hlo.txt").write_text(compiled.as_text())
         section("train step memory per device (XLA memory analysis)")
         mem = measure.memory_per_device(compiled)
         self.report["memory_per_device"] = mem
@@ -226,8 +268,14 @@ class TrainingJob:
         if "eval_before" in self.report:
             print(f"  held-out before fine-tuning: {self.format_loss(self.report['eval_before'])}")
         tr, tc = self.trainer, self.tc
-        losses, times = self.losses, []
+        losses, norms, times, window = self.losses, self.grad_norms, [], []
         tokens = tc.batch_size * tc.seq_len
+        # MFU at each log step, and in the timing section
+        flops = self.flops_per_step = train.train_flops_per_step(self.cfg, tc.batch_size, tc.seq_len)
+        self.peak_flops = measure.matmul_peak_flops()
+        lrs = np.asarray(train.schedule(tc)(np.arange(tc.steps)))  # step i's lr (optax counts from 0)
+        prof = self.profiler or StepProfiler(self.out / "profile", 0, 0)  # traces no step
+        shown = {}  # grad norm and lr of the last log step, beside each step's loss and tokens/s
         bar = tqdm(
             range(tr.step, tc.steps),
             desc="train",
@@ -235,28 +283,51 @@ class TrainingJob:
             mininterval=1.0,
             initial=tr.step,
             total=tc.steps,
-            disable=jax.process_index() != 0,
+            disable=not self.progress or jax.process_index() != 0,
         )
         batch = data.train_batch(self.corpus.train, self.mesh, tc.batch_size, tc.seq_len, tc.seed, tr.step)
         for step in bar:
-            t = time.perf_counter()
-            metrics = tr.train_step(batch)
-            if step + 1 < tc.steps:  # build the next batch while the step runs
-                batch = data.train_batch(
-                    self.corpus.train, self.mesh, tc.batch_size, tc.seq_len, tc.seed, step + 1
-                )
-            loss = float(metrics["loss"])
-            times.append(time.perf_counter() - t)
+            with prof.step(step):  # starts the trace before step A, outside the timed region
+                t = time.perf_counter()
+                out = tr.train_step(batch)
+                if step + 1 < tc.steps:  # build the next batch while the step runs
+                    batch = data.train_batch(
+                        self.corpus.train, self.mesh, tc.batch_size, tc.seq_len, tc.seed, step + 1
+                    )
+                loss = float(out["loss"])
+                dt = time.perf_counter() - t
+            prof.end(step, (tr.params, tr.opt_state))  # after step B-1: waits, then writes the trace
+            if not prof.traced(step):  # the timing section leaves the traced steps out
+                times.append(dt)
+            window.append(dt)
             losses.append(loss)
+            norms.append(out["grad_norm"])  # a device scalar: read at log steps, not every step
             if not math.isfinite(loss):
                 raise UserError(f"loss became {loss} at step {step + 1}; lower --lr")
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens / times[-1]:,.0f}", refresh=False)
+            if tr.step % self.log_every == 0 or tr.step == tc.steps:
+                step_s = sum(window) / len(window)  # mean over the steps since the last log step
+                window = []
+                gnorm, lr = float(out["grad_norm"]), float(lrs[step])
+                self.events.scalars(
+                    tr.step,
+                    {
+                        "train/loss": loss,
+                        "train/lr": lr,
+                        "train/grad_norm": gnorm,
+                        "train/step_time_s": step_s,
+                        "train/tokens_per_s": tokens / step_s,
+                        "train/mfu": flops / step_s / self.peak_flops,
+                    },
+                )
+                shown = {"gnorm": f"{gnorm:.3g}", "lr": f"{lr:.2e}"}
+            bar.set_postfix({"loss": f"{loss:.3f}", "tok_s": f"{tokens / dt:,.0f}", **shown}, refresh=False)
             if self.checkpoint_every and tr.step % self.checkpoint_every == 0:
                 self.save_checkpoint()
         bar.close()
         if self.ckpts is not None:
             self.ckpts.close()
         self.report["loss"] = losses
+        self.report["grad_norm"] = self.grad_norm_series()
         self.step_times = times
 
     def per_byte(self, r: dict) -> dict:
@@ -281,6 +352,7 @@ class TrainingJob:
             self.per_byte(r)
         f32 = ev["f32"]
         self.report["eval"] = ev
+        self.events.scalars(self.trainer.step, {f"eval/loss_{p}": r["loss"] for p, r in ev.items()})
         uniform = math.log(256) if self.tokenizer is None else math.log(self.cfg.vocab_size)
         print(f"  f32: {self.format_loss(f32)}   (uniform {self.unit}s: {uniform:.2f} nats)")
         if len(ev) > 1:
@@ -360,14 +432,18 @@ class TrainingJob:
         warm = self.step_times[min(5, len(self.step_times) - 1) :] or [float("nan")]
         t["step_s_median"] = float(np.median(warm))
         t["tokens_per_s"] = tc.batch_size * tc.seq_len / t["step_s_median"]
-        t["flops_per_step"] = train.train_flops_per_step(self.cfg, tc.batch_size, tc.seq_len)
+        t["flops_per_step"] = self.flops_per_step
         t["flops_per_s"] = t["flops_per_step"] / t["step_s_median"]
-        t["peak_flops_per_s"] = measure.matmul_peak_flops()
+        t["peak_flops_per_s"] = self.peak_flops
         t["mfu"] = t["flops_per_s"] / t["peak_flops_per_s"]
         t["total_train_s"] = float(np.sum(self.step_times))
+        prof = self.profiler
+        if prof:
+            t["profiled_steps"] = [prof.start, prof.stop]
         print(
             f"  compile {t['compile_s']:.1f} s, median step {t['step_s_median'] * 1e3:.1f} ms, "
             f"{t['tokens_per_s']:,.0f} tokens/s"
+            + (f" (steps {prof.start}..{prof.stop - 1} ran under the profiler: left out)" if prof else "")
         )
         print(
             f"  {t['flops_per_s'] / 1e9:.2f} GFLOP/s achieved (6*P*T + non-causal attention per step); "
@@ -398,4 +474,10 @@ class TrainingJob:
         fig.savefig(self.out / "loss.png", dpi=100)
         plt.close(fig)
         section("written")
-        print(f"  {self.out / 'report.json'}\n  {self.out / 'loss.png'}")
+        print(f"  {self.out / 'report.json'}\n  {self.out / 'loss.png'}\n  {self.out / 'layout.png'}")
+        if self.events.directory:
+            print(f"  {self.events.directory}  (tensorboard --logdir {self.out})")
+        if self.profiler:
+            print(
+                f"  {self.out / 'profile'}  (trace of steps {self.profiler.start}..{self.profiler.stop - 1})"
+            )

@@ -88,7 +88,14 @@ def test_two_processes_match_one(tiny, two_process_run):
     assert "[p0] " in proc.stdout and "[p1] " in proc.stdout and "resumed from step 4" in proc.stdout
     losses = json.loads((out / "report.json").read_text())["loss"]
     np.testing.assert_allclose(losses, reference_losses(tiny, "2x4", steps=12), rtol=0, atol=1e-5)
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "loss.png", "report.json"]  # written once
+    assert sorted(p.name for p in out.iterdir()) == [
+        "checkpoints",
+        "layout.png",
+        "loss.png",
+        "report.json",
+        "tensorboard",
+    ]
+    assert len(list((out / "tensorboard").iterdir())) == 1  # process 0 alone writes event files
 
 
 def test_checkpoint_of_two_processes_resumes_in_one(tiny, two_process_run):

@@ -9,6 +9,7 @@ import sys
 import pytest
 import run  # experiments/run.py (pyproject's pytest pythonpath)
 from conftest import subprocess_env
+from matplotlib.image import imread
 
 import jaxtp.cli
 import jaxtp.job
@@ -68,6 +69,8 @@ def test_smoke_run_writes_report_and_plot(smoke):
     ):
         assert heading in proc.stdout, heading
     assert (out / "loss.png").stat().st_size > 1000
+    assert f"{out / 'layout.png'}" in proc.stdout  # named in the output, drawn by jaxtp.plot_layout
+    assert imread(out / "layout.png").shape[:2] == (920, 1400)  # tiny: 8 kinds of weight, 2 rows of 4
 
 
 def test_report_schema(smoke):
