@@ -82,9 +82,9 @@ class TrainingJob:
         self.hf, self.tokenizer, self.export_hf = hf, tokenizer, export_hf
         self.unit = "byte" if tokenizer is None else "token"
         self.tensorboard, self.log_every, self.progress = tensorboard, log_every, progress
-        self.profiler = StepProfiler(out / "profile", *profile_steps) if profile_steps else None
-        if self.profiler and jax.process_index() != 0:  # one trace, of process 0's devices
-            self.profiler = None
+        # one trace, of process 0's devices
+        tracing = profile_steps and jax.process_index() == 0
+        self.profiler = StepProfiler(out / "profile", *profile_steps) if tracing else None
         self.events = metrics.NullWriter()
         self.ckpts = (
             checkpoint.TrainCheckpoints(out / "checkpoints", keep) if checkpoint_every or resume else None
@@ -271,7 +271,7 @@ class TrainingJob:
         losses, norms, times, window = self.losses, self.grad_norms, [], []
         tokens = tc.batch_size * tc.seq_len
         # MFU at each log step, and in the timing section
-        flops = self.flops_per_step = train.train_flops_per_step(self.cfg, tc.batch_size, tc.seq_len)
+        self.flops_per_step = train.train_flops_per_step(self.cfg, tc.batch_size, tc.seq_len)
         self.peak_flops = measure.matmul_peak_flops()
         lrs = np.asarray(train.schedule(tc)(np.arange(tc.steps)))  # step i's lr (optax counts from 0)
         prof = self.profiler or StepProfiler(self.out / "profile", 0, 0)  # traces no step
@@ -305,20 +305,9 @@ class TrainingJob:
             if not math.isfinite(loss):
                 raise UserError(f"loss became {loss} at step {step + 1}; lower --lr")
             if tr.step % self.log_every == 0 or tr.step == tc.steps:
-                step_s = sum(window) / len(window)  # mean over the steps since the last log step
-                window = []
                 gnorm, lr = float(out["grad_norm"]), float(lrs[step])
-                self.events.scalars(
-                    tr.step,
-                    {
-                        "train/loss": loss,
-                        "train/lr": lr,
-                        "train/grad_norm": gnorm,
-                        "train/step_time_s": step_s,
-                        "train/tokens_per_s": tokens / step_s,
-                        "train/mfu": flops / step_s / self.peak_flops,
-                    },
-                )
+                self.log_scalars(tr.step, loss, gnorm, lr, sum(window) / len(window))
+                window = []
                 shown = {"gnorm": f"{gnorm:.3g}", "lr": f"{lr:.2e}"}
             bar.set_postfix({"loss": f"{loss:.3f}", "tok_s": f"{tokens / dt:,.0f}", **shown}, refresh=False)
             if self.checkpoint_every and tr.step % self.checkpoint_every == 0:
@@ -329,6 +318,21 @@ class TrainingJob:
         self.report["loss"] = losses
         self.report["grad_norm"] = self.grad_norm_series()
         self.step_times = times
+
+    def log_scalars(self, step: int, loss: float, grad_norm: float, lr: float, step_s: float):
+        """One log step's TensorBoard scalars; `step_s`: the mean step time since the previous log step."""
+        tokens = self.tc.batch_size * self.tc.seq_len
+        self.events.scalars(
+            step,
+            {
+                "train/loss": loss,
+                "train/lr": lr,
+                "train/grad_norm": grad_norm,
+                "train/step_time_s": step_s,
+                "train/tokens_per_s": tokens / step_s,
+                "train/mfu": self.flops_per_step / step_s / self.peak_flops,
+            },
+        )
 
     def per_byte(self, r: dict) -> dict:
         """Token runs: bits/byte = total nats over the held-out targets / ln 2 / the UTF-8 bytes they cover

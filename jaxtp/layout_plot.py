@@ -34,7 +34,7 @@ from flax import nnx
 
 from .config import ModelConfig
 from .layers import MLP, Attention, Embed, Linear, RMSNorm
-from .sharding import Layout, mesh_axes
+from .sharding import Layout, mesh_axes, split_size
 
 __all__ = [
     "DevicePiece",
@@ -198,7 +198,7 @@ def _note(owner, parent, spec, mesh) -> str:
     """Why a weight sits as it does, where its layer knows: kv heads fewer than the model axis are copied."""
     if isinstance(parent, Attention) and owner in (parent.k, parent.v) and parent.kv_replicated():
         heads_axes = mesh_axes(parent.layout.rules.get("heads"))
-        split = math.prod(mesh.shape[a] for a in heads_axes)
+        split = split_size(heads_axes, mesh)
         K = owner.kernel.get_value().shape[-2]
         return (
             f"k, v: {K} kv heads < {'+'.join(heads_axes)} axis {split}, so not split over it: every device "

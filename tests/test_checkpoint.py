@@ -140,12 +140,9 @@ def killed_run(tmp_path_factory):
     return out, env
 
 
-def test_resume_after_sigkill_is_exact(tiny, killed_run):
-    out, env = killed_run
-    # A half-written checkpoint (what a kill during a save leaves) must be ignored by --resume.
-    (out / "checkpoints" / "12.orbax-checkpoint-tmp-1234").mkdir()
-    (out / "checkpoints" / "12.orbax-checkpoint-tmp-1234" / "junk").write_text("partial")
-    proc = subprocess.run(
+def resume(out, env, *extra):
+    """`run.py ... --mesh 2x4 --out OUT --resume [extra]` in a fresh process, its output captured."""
+    return subprocess.run(
         [
             sys.executable,
             str(ROOT / "experiments" / "run.py"),
@@ -155,12 +152,21 @@ def test_resume_after_sigkill_is_exact(tiny, killed_run):
             "--out",
             str(out),
             "--resume",
+            *extra,
         ],
         capture_output=True,
         text=True,
         env=env,
         timeout=400,
     )
+
+
+def test_resume_after_sigkill_is_exact(tiny, killed_run):
+    out, env = killed_run
+    # A half-written checkpoint (what a kill during a save leaves) must be ignored by --resume.
+    (out / "checkpoints" / "12.orbax-checkpoint-tmp-1234").mkdir()
+    (out / "checkpoints" / "12.orbax-checkpoint-tmp-1234" / "junk").write_text("partial")
+    proc = resume(out, env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "resumed from step 8" in proc.stdout
     losses = json.loads((out / "report.json").read_text())["loss"]
@@ -190,24 +196,7 @@ def test_resume_on_another_mesh_within_1e6(tiny, killed_run):
 def test_resume_with_another_config_is_refused(killed_run):
     out, env = killed_run
     before = sorted(p.name for p in (out / "checkpoints").iterdir())
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "experiments" / "run.py"),
-            *ARGS,
-            "--mesh",
-            "2x4",
-            "--out",
-            str(out),
-            "--resume",
-            "--lr",
-            "0.01",
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=400,
-    )
+    proc = resume(out, env, "--lr", "0.01")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "different train" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == before
